@@ -1,0 +1,249 @@
+"""One typed configuration for everything: pydantic v2 models loaded from YAML, overridden from the CLI.
+
+Every hyperparameter is a field here; unknown keys are rejected, and CLI overrides (`--set a.b=value`) go through
+the same validation, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from segment.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Strict):
+    """Random augmentation applied to training patches only."""
+
+    flip_prob: float = Field(0.5, ge=0, le=1, description="probability of a flip, per axis")
+    rotate_prob: float = Field(0.2, ge=0, le=1, description="probability of a small rotation/scaling")
+    rotate_deg: float = Field(15.0, ge=0, le=180, description="max rotation angle about each axis (degrees)")
+    scale_range: float = Field(0.15, ge=0, lt=1, description="max relative zoom in or out")
+    intensity_prob: float = Field(0.15, ge=0, le=1, description="probability of intensity scale/shift/gamma")
+    noise_prob: float = Field(0.1, ge=0, le=1, description="probability of additive Gaussian noise")
+    noise_std: float = Field(0.1, ge=0, description="std of that noise (after normalisation)")
+
+
+class DataConfig(_Strict):
+    """Where the data is and how it becomes network input."""
+
+    root: Path | None = Field(None, description="dataset folder (MSD layout or plain pairs); null = embedded demo")
+    modality: Literal["auto", "mri", "ct"] = Field("auto", description="normalisation scheme; auto reads dataset.json")
+    target_spacing: list[float] | None = Field(None, description="resample to this spacing (mm, canonical RAS axes); null = median")
+    patch_size: list[int] | None = Field(None, description="training patch (voxels); null = planned from the data")
+    batch_size: int | None = Field(None, ge=1, description="patches per step; null = planned")
+    foreground_fraction: float = Field(0.33, ge=0, le=1, description="share of patches centred on foreground")
+    ct_clip: list[float] | None = Field(None, description="CT intensity window [lo, hi]; null = dataset 0.5/99.5 percentiles")
+    cache: bool = Field(True, description="keep preprocessed volumes in memory after the first epoch")
+    num_workers: int = Field(0, ge=0, description="data loader worker processes (0 = main process)")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of cases held out for validation (when fold is null)")
+    folds: int = Field(5, ge=2, description="number of folds for k-fold splits")
+    fold: int | None = Field(None, ge=0, description="use this fold of a k-fold split; null = one seeded split")
+    max_cases: int | None = Field(None, ge=2, description="use only the first N cases (quick experiments)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive_spacing(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) not in (2, 3) or any(s <= 0 for s in v)):
+            raise ValueError("must be 2 or 3 positive numbers (mm)")
+        return v
+
+    @field_validator("patch_size")
+    @classmethod
+    def _positive_patch(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) not in (2, 3) or any(s < 4 for s in v)):
+            raise ValueError("must be 2 or 3 sizes of at least 4 voxels")
+        return v
+
+    @field_validator("ct_clip")
+    @classmethod
+    def _ordered_window(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or v[0] >= v[1]):
+            raise ValueError("must be [low, high] with low < high")
+        return v
+
+
+SkipSpec = Union[Literal["all", "none"], list[int]]
+
+
+class ModelConfig(_Strict):
+    """The U-Net. Everything `build_model` needs; stored in every checkpoint."""
+
+    spatial_dims: Literal[2, 3] = Field(3, description="2D or 3D convolutions")
+    in_channels: int = Field(1, ge=1, description="image channels (modalities)")
+    out_channels: int = Field(2, ge=2, description="classes including background (set from the dataset)")
+    features: list[int] = Field([32, 64, 128, 256], min_length=2, description="channels per encoder stage; depth = len")
+    blocks_per_stage: Union[int, list[int]] = Field(1, description="residual blocks per encoder stage")
+    decoder_blocks: int = Field(1, ge=1, description="conv blocks per decoder stage")
+    padding: Literal["same", "valid"] = Field("same", description="'valid' = original U-Net, output smaller than input")
+    skip_connections: SkipSpec = Field("all", description="'all', 'none', or list of levels to keep (0 = highest resolution)")
+    norm: Literal["instance", "batch"] = Field("instance", description="normalisation layer")
+    act: Literal["leakyrelu", "relu"] = Field("leakyrelu", description="activation")
+    preactivation: bool = Field(False, description="pre-activation residual blocks (norm-act-conv)")
+    zero_init_residual: bool = Field(True, description="zero the last norm scale in each residual branch")
+    upsample: Literal["transpose", "interpolate"] = Field("transpose", description="decoder upsampling")
+    deep_supervision: bool = Field(False, description="use auxiliary heads at lower decoder levels in the loss")
+
+    @field_validator("features")
+    @classmethod
+    def _positive_features(cls, v: list[int]) -> list[int]:
+        if any(f < 1 for f in v):
+            raise ValueError("every stage needs at least 1 channel")
+        return v
+
+    @model_validator(mode="after")
+    def _check_lists(self) -> "ModelConfig":
+        depth = len(self.features)
+        if isinstance(self.blocks_per_stage, list) and len(self.blocks_per_stage) != depth:
+            raise ValueError(f"blocks_per_stage has {len(self.blocks_per_stage)} entries for {depth} stages")
+        blocks = self.blocks_per_stage if isinstance(self.blocks_per_stage, list) else [self.blocks_per_stage]
+        if any(b < 1 for b in blocks):
+            raise ValueError("blocks_per_stage must be >= 1")
+        if isinstance(self.skip_connections, list):
+            bad = [lvl for lvl in self.skip_connections if not 0 <= lvl < depth - 1]
+            if bad:
+                raise ValueError(f"skip_connections levels {bad} out of range 0..{depth - 2}")
+        return self
+
+    def kept_skips(self) -> list[int]:
+        """Levels (0 = highest resolution) whose long skip connection is kept."""
+        n = len(self.features) - 1
+        if self.skip_connections == "all":
+            return list(range(n))
+        if self.skip_connections == "none":
+            return []
+        return sorted(set(self.skip_connections))
+
+
+class TrainConfig(_Strict):
+    """The optimisation loop (run by Lightning)."""
+
+    max_epochs: int = Field(50, ge=1, description="epochs (an epoch = steps_per_epoch steps)")
+    steps_per_epoch: int = Field(100, ge=1, description="training steps per epoch")
+    max_time: str | None = Field(None, description="wall-clock budget 'DD:HH:MM:SS' or minutes like '30m'; null = none")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimiser")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(1e-5, ge=0, description="weight decay")
+    momentum: float = Field(0.99, ge=0, lt=1, description="SGD momentum (nesterov)")
+    scheduler: Literal["poly", "cosine", "constant"] = Field("poly", description="learning-rate schedule over the run")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    dice_weight: float = Field(1.0, ge=0, description="weight of the Dice term in the loss")
+    ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = Field("auto", description="auto: 16/bf16 on CUDA, bf16 on capable CPUs")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator")
+    devices: Union[int, str] = Field("auto", description="number of devices or 'auto'")
+    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, ddp_spawn, ...")
+    num_nodes: int = Field(1, ge=1, description="machines (multi-node with SLURM/torchrun)")
+    val_every: int = Field(1, ge=1, description="validate every N epochs")
+    val_overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap during validation")
+    tensorboard: bool = Field(False, description="also log to TensorBoard")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = all cores")
+
+
+class PredictConfig(_Strict):
+    """Inference settings (defaults for `segment predict`)."""
+
+    overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap")
+    sw_batch_size: int = Field(4, ge=1, description="windows per forward pass")
+    blend: Literal["gaussian", "constant"] = Field("gaussian", description="how overlapping windows are blended")
+    tta: bool = Field(False, description="mirror test-time augmentation")
+    largest_component: bool = Field(False, description="keep only the largest connected component per class")
+    precision: Literal["auto", "32", "bf16", "16"] = Field("auto", description="autocast dtype for inference")
+
+
+class EvaluateConfig(_Strict):
+    """Metric settings for `segment evaluate` and `segment ablate`."""
+
+    nsd_tolerance_mm: float = Field(1.0, gt=0, description="tolerance of normalised surface Dice (mm)")
+    hd_percentile: float = Field(95.0, gt=0, le=100, description="Hausdorff percentile")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples for confidence intervals")
+
+
+class Config(_Strict):
+    """Root of a `configs/*.yaml` file."""
+
+    seed: int = Field(0, description="seed for splits, sampling and initialisation")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{source}: {key}: {msg}"
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a plain dict, raising ConfigError with the offending key named."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def _parse_value(text: str) -> Any:
+    """A CLI override value, parsed as YAML so `5`, `1e-3`, `[0,1]`, `none` and `null` mean what they look like."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings to a raw config dict (validation happens afterwards)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_epochs=5")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load `path` (default `configs/default.yaml` if present, else built-in defaults) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is None and (CONFIG_DIR / "default.yaml").is_file():
+        path = CONFIG_DIR / "default.yaml"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        source = str(path)
+    raw = apply_overrides(raw, overrides or [])
+    return validate(raw, source)
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of a config (JSON-compatible types only), for run folders and checkpoints."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
