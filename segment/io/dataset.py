@@ -1,0 +1,250 @@
+"""Find image/label pairs in a dataset folder and check them before any training starts.
+
+Two layouts are understood: MSD / nnU-Net (`dataset.json`, `imagesTr/`, `labelsTr/`, optional `_0000` channel
+suffixes) and plain folders (`images/` + `labels/`, or `X.nii.gz` beside `X_seg.nii.gz`). Pairing is by exact case
+name; anything that does not pair is reported, never guessed, so an image can never be trained against the wrong label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from segment.errors import GeometryError, InputError
+from segment.io.image import read_geometry, read_label
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+LABEL_SUFFIXES = ("_seg", "_labels", "_label", "_mask")
+_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+_MRI_WORDS = ("mri", "mr", "t1", "t2", "flair", "adc", "dwi", "pd", "swi", "dce", "bold", "hbv")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training example: its channel images (sorted by channel) and its label map."""
+
+    name: str
+    images: tuple[Path, ...]
+    label: Path | None
+
+
+@dataclass
+class Dataset:
+    """What `discover` found: usable cases plus everything it had to leave out, with the reason."""
+
+    root: Path
+    cases: list[Case]
+    labels: dict[int, str]  # empty when unknown (plain folder discovered with check=False)
+    modality: str
+    channels: int
+    unpaired: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _split(path: Path) -> str | None:
+    """File stem without the image suffix, or None for files that are not images (hidden files, .raw, .json)."""
+    name = path.name
+    if name.startswith(".") or not path.is_file():
+        return None
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _scan(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """stem -> file for every image in `folder`; stems present twice (X.nii and X.nii.gz) are returned as clashes."""
+    found: dict[str, Path] = {}
+    clashes = []
+    for path in sorted(folder.iterdir()):
+        stem = _split(path)
+        if stem is None:
+            continue
+        if stem in found:
+            clashes.append(stem)
+        found[stem] = path
+    return found, clashes
+
+
+def _read_meta(root: Path) -> dict[str, Any]:
+    path = root / "dataset.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object with 'labels' and 'modality'/'channel_names'")
+    return meta
+
+
+def _parse_labels(meta: dict[str, Any], root: Path) -> dict[int, str]:
+    """MSD form {"0": "background"} or nnU-Net v2 form {"background": 0} -> {0: "background"}."""
+    raw = meta.get("labels")
+    if not raw:
+        return {}
+    if not isinstance(raw, dict):
+        raise InputError(f"{root / 'dataset.json'}: 'labels' must be a mapping, got {type(raw).__name__}")
+    out: dict[int, str] = {}
+    for key, value in raw.items():
+        if str(key).strip().isdigit():
+            out[int(key)] = str(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[value] = str(key)
+        else:
+            raise InputError(f"{root / 'dataset.json'}: label {key!r}: {value!r} is not supported; expected "
+                             f'{{"0": "background"}} (MSD) or {{"background": 0}} (nnU-Net v2, no region lists)')
+    out.setdefault(0, "background")
+    return dict(sorted(out.items()))
+
+
+def _modality(meta: dict[str, Any]) -> tuple[str, int | None]:
+    """('ct' | 'mri' | other lower-case text | 'unknown', declared channel count or None)."""
+    raw = meta.get("modality") or meta.get("channel_names")
+    if not isinstance(raw, dict) or not raw:
+        return ("unknown" if not isinstance(raw, str) else _kind(raw)), None
+    names = [str(raw[k]) for k in sorted(raw, key=lambda k: int(k) if str(k).isdigit() else 0)]
+    kinds = {_kind(n) for n in names}
+    return (kinds.pop() if len(kinds) == 1 else _kind(names[0])), len(names)
+
+
+def _kind(name: str) -> str:
+    text = name.strip().lower()
+    if text == "ct" or text.startswith("ct"):
+        return "ct"
+    if any(text.startswith(word) for word in _MRI_WORDS) or "mri" in text:
+        return "mri"
+    return text or "unknown"
+
+
+def _folders(root: Path) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
+    """(image stems, label names, clashing stems) for whichever layout `root` uses."""
+    for images, labels in (("imagesTr", "labelsTr"), ("images", "labels")):
+        if (root / images).is_dir():
+            if not (root / labels).is_dir():
+                raise InputError(f"{root / labels}: label folder not found (expected beside {root / images})")
+            found_images, clash_i = _scan(root / images)
+            found_labels, clash_l = _scan(root / labels)
+            return found_images, found_labels, clash_i + clash_l
+    found, clashes = _scan(root)
+    label_files: dict[str, Path] = {}
+    for stem in list(found):
+        base = next((stem[: -len(s)] for s in LABEL_SUFFIXES if stem.lower().endswith(s)), None)
+        if base:
+            label_files[base] = found.pop(stem)
+    return found, label_files, clashes
+
+
+def _group(images: dict[str, Path], labels: dict[str, Path]) -> dict[str, dict[int, Path]]:
+    """Case name -> {channel: file}. `_0000` suffixes count as channels only if that pairs at least as well."""
+    matches = {stem: _CHANNEL.match(stem) for stem in images}
+    as_channels = all(matches.values()) and (
+        sum(m.group(1) in labels for m in matches.values() if m) >= sum(s in labels for s in images))
+    cases: dict[str, dict[int, Path]] = {}
+    for stem, path in images.items():
+        m = matches[stem]
+        name, channel = (m.group(1), int(m.group(2))) if as_channels and m else (stem, 0)
+        cases.setdefault(name, {})[channel] = path
+    return cases
+
+
+def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error", "skip"] = "skip") -> Dataset:
+    """Pair images with labels under `root`, report what does not pair, and (with check) verify every pair."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset folder not found")
+    meta = _read_meta(root)
+    labels = _parse_labels(meta, root)
+    modality, declared = _modality(meta)
+    images, label_files, clashes = _folders(root)
+    grouped = _group(images, label_files)
+    counts = Counter(len(c) for c in grouped.values())
+    channels = declared or (counts.most_common(1)[0][0] if counts else 1)
+    unpaired = sorted([p for n, c in grouped.items() if n not in label_files for p in c.values()]
+                      + [p for n, p in label_files.items() if n not in grouped])
+    problems: dict[str, str] = {}
+    cases = []
+    for name in sorted(n for n in grouped if n in label_files):
+        by_channel = grouped[name]
+        if name in clashes or any(_split(p) in clashes for p in by_channel.values()):
+            problems[name] = f"case {name}: several files with the same name and different suffixes in {root}"
+        elif sorted(by_channel) != list(range(channels)):
+            problems[name] = (f"case {name}: channels {sorted(by_channel)} found, expected 0..{channels - 1} "
+                              f"({[p.name for p in by_channel.values()]})")
+        else:
+            cases.append(Case(name, tuple(by_channel[c] for c in range(channels)), label_files[name]))
+    if unpaired:
+        warnings.warn(f"{root}: {len(unpaired)} files without a partner, left out: {', '.join(p.name for p in unpaired[:5])}"
+                      + (" ..." if len(unpaired) > 5 else ""), stacklevel=2)
+    dataset = Dataset(root, cases, labels, modality, channels, unpaired, {})
+    _handle(problems, dataset, on_problem)
+    if check:
+        _check_all(dataset, on_problem)
+    if not dataset.cases:
+        detail = f"; {len(dataset.skipped)} skipped, e.g. {next(iter(dataset.skipped.values()))}" if dataset.skipped else ""
+        raise InputError(f"{root}: no usable image/label pairs found (expected dataset.json + imagesTr/ + labelsTr/, "
+                         f"images/ + labels/, or X.nii.gz beside X_seg.nii.gz){detail}")
+    return dataset
+
+
+def _handle(problems: dict[str, str], dataset: Dataset, on_problem: str) -> None:
+    """Raise on the first problem, or move each problem case into `skipped` with a warning."""
+    for name, reason in problems.items():
+        if on_problem == "error":
+            raise InputError(reason)
+        dataset.skipped[name] = reason
+        dataset.cases = [c for c in dataset.cases if c.name != name]
+        warnings.warn(f"skipping {reason}", stacklevel=3)
+        log.warning("skipping %s", reason)
+
+
+def _check_all(dataset: Dataset, on_problem: str) -> None:
+    """Check every case; for plain folders without declared labels, infer the class count from the data."""
+    num_classes = max(dataset.labels) + 1 if dataset.labels else None
+    problems: dict[str, str] = {}
+    highest = 0
+    for case in dataset.cases:
+        try:
+            highest = max(highest, _check_case(case, num_classes))
+        except (InputError, GeometryError) as err:
+            if on_problem == "error":
+                raise
+            problems[case.name] = str(err)
+    _handle(problems, dataset, on_problem)
+    if not dataset.labels and dataset.cases:
+        dataset.labels = {0: "background", **{i: f"class_{i}" for i in range(1, highest + 1)}}
+
+
+def _check_case(case: Case, num_classes: int | None) -> int:
+    reference = read_geometry(case.images[0])
+    for path in case.images[1:]:
+        other = read_geometry(path)
+        if not other.same_grid(reference):
+            raise GeometryError(f"channel {path} does not share the voxel grid of {case.images[0]}: "
+                                f"{other.difference(reference)}")
+    if case.label is None:
+        return 0
+    label_geometry = read_geometry(case.label)
+    if not label_geometry.same_grid(reference):
+        raise GeometryError(f"label {case.label} does not share the voxel grid of image {case.images[0]}: "
+                            f"{label_geometry.difference(reference)}")
+    highest = int(read_label(case.label).max())
+    if num_classes is not None and highest >= num_classes:
+        raise InputError(f"{case.label}: label value {highest} found, but only {num_classes} classes "
+                         f"(0..{num_classes - 1}) are declared")
+    return highest
+
+
+def check_case(case: Case, num_classes: int | None) -> None:
+    """Raise GeometryError/InputError (naming the files) unless the case's images and label share a grid and
+    its label values are integers below `num_classes`."""
+    _check_case(case, num_classes)
