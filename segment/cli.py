@@ -1,0 +1,184 @@
+"""The `segment` command line. Heavy imports (torch, monai) happen inside commands so `--help` is instant."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from segment.errors import SegmentError
+
+app = typer.Typer(
+    name="segment",
+    help="Train a 3D U-Net on your own labelled NIfTI scans and segment new scans, with geometry you can trust.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: configs/default.yaml)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key, e.g. --set train.max_epochs=5")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="dataset folder (MSD/nnU-Net layout or image/label pairs)")]
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a SegmentError as one red line and exit 2, instead of a stack trace."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SegmentError as err:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _config(config: Path | None, overrides: list[str] | None, extra: dict[str, Any]) -> Any:
+    """Config file + --set overrides + explicit flags (only those the user gave), all through the same validation."""
+    from segment.config import load_config
+
+    flags = [f"{key}={value}" for key, value in extra.items() if value is not None]
+    return load_config(config, list(overrides or []) + flags)
+
+
+@app.command()
+@user_errors
+def train(
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="run folder (default runs/<data>-<time>)")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(help="epochs (train.max_epochs)")] = None,
+    max_time: Annotated[Optional[str], typer.Option(help="wall-clock budget, e.g. 30m, 2h (train.max_time)")] = None,
+    fold: Annotated[Optional[int], typer.Option(help="k-fold split index (data.fold)")] = None,
+    skips: Annotated[Optional[str], typer.Option(help="skip connections: all, none or e.g. [0,1] (model.skip_connections)")] = None,
+    accelerator: Annotated[Optional[str], typer.Option(help="cpu, gpu/cuda, mps or auto (train.accelerator)")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="number of devices or auto (train.devices)")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="Lightning strategy, e.g. ddp (train.strategy)")] = None,
+    num_nodes: Annotated[Optional[int], typer.Option(help="machines for multi-node training (train.num_nodes)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, 32, bf16-mixed, 16-mixed (train.precision)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --output from its last checkpoint")] = False,
+) -> None:
+    """Train a U-Net. With no arguments, trains on the embedded demo dataset (generated on first use)."""
+    cfg = _config(config, set_, {
+        "data.root": data, "train.max_epochs": max_epochs, "train.max_time": max_time, "data.fold": fold,
+        "model.skip_connections": skips, "train.accelerator": accelerator, "train.devices": devices,
+        "train.strategy": strategy, "train.num_nodes": num_nodes, "train.precision": precision,
+    })
+    if resume and output is None:
+        raise SegmentError("--resume needs --output RUN_FOLDER (the run to continue)")
+    from segment.train.runner import train as run_train
+
+    run_train(cfg, output=output, resume=resume)
+
+
+@app.command()
+@user_errors
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="scan file(s), folder(s), glob(s) or DICOM series folder(s)")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output file (one input) or folder")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="run folder or .ckpt (default: newest run in runs/)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    tta: Annotated[bool, typer.Option("--tta", help="mirror test-time augmentation")] = False,
+    overlap: Annotated[Optional[float], typer.Option(help="sliding-window overlap (0..1)")] = None,
+    largest_component: Annotated[bool, typer.Option("--largest-component", help="keep the largest component per class")] = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="also write class probabilities")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing outputs")] = False,
+) -> None:
+    """Segment scans; each output has exactly its scan's shape and affine."""
+    from segment.inference.batch import run_predict
+
+    code = run_predict(
+        inputs, output=output, model=model, device=device, tta=tta, overlap=overlap,
+        largest_component=largest_component, save_probabilities=save_probabilities, overwrite=overwrite,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="run folder or .ckpt")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="labelled dataset folder")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="CSV path (default <run>/evaluation.csv)")] = None,
+    split: Annotated[str, typer.Option(help="cases: val (the run's validation split), all")] = "val",
+    tolerance: Annotated[Optional[float], typer.Option(help="NSD tolerance in mm")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Dice, HD95, ASSD and surface Dice (NSD) per case and class; writes a CSV and prints a summary."""
+    from segment.evaluation.evaluate import run_evaluate
+
+    run_evaluate(model=model, data=data, output=output, split=split, tolerance=tolerance, device=device)
+
+
+@app.command()
+@user_errors
+def ablate(
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="report folder (default runs/ablation-<time>)")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="training time per variant, e.g. 20m (default: 25m)")] = None,
+    variants: Annotated[str, typer.Option(help="comma-separated skip settings, e.g. 'all,none' or 'all,none,[0]'")] = "all,none",
+) -> None:
+    """Train models that differ only in their skip connections and report what that does to boundaries."""
+    from segment.evaluation.ablate import run_ablation
+
+    cfg = _config(config, set_, {"data.root": data})
+    run_ablation(cfg, output=output, budget=budget, variants=variants)
+
+
+@app.command("model-info")
+@user_errors
+def model_info(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    size: Annotated[Optional[str], typer.Option(help="input size, e.g. 64,64,64")] = None,
+) -> None:
+    """Print the network: parameters per stage, receptive field, output margin, kept skips."""
+    from rich.console import Console
+
+    from segment.nets import build_model, summarize
+
+    cfg = _config(config, set_, {})
+    shape = [int(s) for s in size.split(",")] if size else None
+    Console().print(summarize(build_model(cfg.model), shape))
+
+
+@app.command("demo-data")
+@user_errors
+def demo_data(
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder (default data/demo)")] = None,
+    cases: Annotated[int, typer.Option(help="number of cases")] = 24,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing folder's contents")] = False,
+) -> None:
+    """Write the synthetic demo dataset (MSD layout) that `segment train` uses by default."""
+    from segment.data.demo import DEFAULT_DEMO_DIR, make_demo_dataset
+
+    path = make_demo_dataset(output or DEFAULT_DEMO_DIR, n_cases=cases, seed=seed, overwrite=overwrite)
+    typer.echo(f"demo dataset: {path}")
+
+
+@app.command()
+@user_errors
+def doctor(device: Annotated[str, typer.Option(help="device you need: auto, cpu, cuda, mps")] = "auto") -> None:
+    """Versions, CUDA, GPUs, shared memory, CPUs and mixed-precision support; non-zero exit if --device is missing."""
+    from segment.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(device))
+
+
+if __name__ == "__main__":
+    app()

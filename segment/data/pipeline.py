@@ -1,0 +1,127 @@
+"""Training data pipeline: seeded splits, cached preprocessing, MONAI patch sampling and augmentation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import CacheDataset, Dataset as MonaiDataset
+from torch.utils.data import DataLoader, RandomSampler
+
+from segment.config import AugmentConfig, Config
+from segment.data.plan import Plan
+from segment.data.preprocess import load_case
+from segment.io.dataset import Case, Dataset
+
+
+def make_split(names: Sequence[str], seed: int, val_fraction: float, folds: int, fold: int | None) -> dict[str, list[str]]:
+    """A seeded train/validation split by case name; with `fold`, fold k of a seeded k-fold partition."""
+    order = sorted(names)
+    perm = np.random.default_rng(seed).permutation(len(order))
+    shuffled = [order[i] for i in perm]
+    if fold is None:
+        n_val = max(1, int(round(len(order) * val_fraction)))
+        val = shuffled[:n_val]
+    else:
+        if fold >= folds:
+            raise ValueError(f"data.fold={fold} but data.folds={folds}: fold must be in 0..{folds - 1}")
+        val = shuffled[fold::folds]
+    val_set = set(val)
+    return {"train": sorted(n for n in order if n not in val_set), "val": sorted(val)}
+
+
+def load_or_make_split(run_dir: Path, dataset: Dataset, cfg: Config) -> dict[str, list[str]]:
+    """Reuse `split.json` in the run folder (resume, reproduction) or write a new one."""
+    path = run_dir / "split.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    split = make_split([c.name for c in dataset.cases], cfg.seed, cfg.data.val_fraction, cfg.data.folds, cfg.data.fold)
+    path.write_text(json.dumps(split, indent=1))
+    return split
+
+
+class LoadCased(mt.Transform):
+    """MONAI transform: a Case -> preprocessed {'image', 'label', 'name'} dict (cached by CacheDataset)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def __call__(self, case: Case) -> dict:
+        item = load_case(case.images, case.label, self.plan)
+        item.pop("geometry")
+        return item
+
+
+def augmentations(aug: AugmentConfig, ndim: int) -> list[mt.Transform]:
+    """Random spatial and intensity augmentation (MONAI), applied to patches after cropping."""
+    keys = ["image", "label"]
+    rot = np.deg2rad(aug.rotate_deg)
+    out: list[mt.Transform] = [mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=a) for a in range(ndim)]
+    if aug.rotate_prob > 0:
+        out.append(mt.RandAffined(
+            keys, prob=aug.rotate_prob, rotate_range=[rot] * (3 if ndim == 3 else 1),
+            scale_range=[aug.scale_range] * ndim, mode=("bilinear", "nearest"), padding_mode="zeros",
+        ))
+    if aug.intensity_prob > 0:
+        out += [
+            mt.RandScaleIntensityd("image", factors=0.25, prob=aug.intensity_prob),
+            mt.RandShiftIntensityd("image", offsets=0.1, prob=aug.intensity_prob),
+            mt.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=aug.intensity_prob),
+        ]
+    if aug.noise_prob > 0:
+        out.append(mt.RandGaussianNoised("image", prob=aug.noise_prob, std=aug.noise_std))
+    return out
+
+
+def train_transforms(plan: Plan, cfg: Config) -> mt.Compose:
+    """Load (cached) -> pad -> foreground-oversampled patch -> augment."""
+    patch = plan.patch_size
+    fg = cfg.data.foreground_fraction
+    return mt.Compose([
+        LoadCased(plan),
+        mt.SpatialPadd(["image", "label"], spatial_size=patch),
+        mt.RandCropByPosNegLabeld(
+            ["image", "label"], label_key="label", spatial_size=patch, pos=fg, neg=1 - fg, num_samples=1,
+            allow_smaller=False,
+        ),
+        *augmentations(cfg.data.augment, len(patch)),
+        mt.EnsureTyped(["image", "label"], track_meta=False),
+    ])
+
+
+def val_transforms(plan: Plan) -> mt.Compose:
+    return mt.Compose([LoadCased(plan), mt.EnsureTyped(["image", "label"], track_meta=False)])
+
+
+def _dataset(cases: list[Case], transform: mt.Compose, cache: bool) -> MonaiDataset:
+    if cache:
+        return CacheDataset(cases, transform=transform, progress=True, num_workers=0)
+    return MonaiDataset(cases, transform=transform)
+
+
+def _first_sample(batch: list) -> list:
+    """RandCropByPosNegLabeld returns a list of samples per item; flatten before collation."""
+    flat = [s for item in batch for s in (item if isinstance(item, list) else [item])]
+    return torch.utils.data.default_collate([{k: s[k] for k in ("image", "label")} for s in flat])
+
+
+def make_loaders(dataset: Dataset, split: dict[str, list[str]], plan: Plan, cfg: Config) -> tuple[DataLoader, DataLoader]:
+    """Training loader (steps_per_epoch batches drawn with replacement) and whole-volume validation loader."""
+    by_name = {c.name: c for c in dataset.cases}
+    train_cases = [by_name[n] for n in split["train"] if n in by_name]
+    val_cases = [by_name[n] for n in split["val"] if n in by_name]
+    train_ds = _dataset(train_cases, train_transforms(plan, cfg), cfg.data.cache)
+    val_ds = _dataset(val_cases, val_transforms(plan), cfg.data.cache)
+    n_samples = cfg.train.steps_per_epoch * plan.batch_size
+    sampler = RandomSampler(train_ds, replacement=True, num_samples=n_samples)
+    workers = cfg.data.num_workers
+    train_loader = DataLoader(
+        train_ds, batch_size=plan.batch_size, sampler=sampler, num_workers=workers, collate_fn=_first_sample,
+        persistent_workers=workers > 0, drop_last=True,
+    )
+    val_loader = DataLoader(val_ds, batch_size=1, num_workers=0, collate_fn=_first_sample)
+    return train_loader, val_loader

@@ -1,0 +1,135 @@
+"""Automatic planning from a dataset fingerprint: spacing, patch size, depth and batch size that fit the data and device.
+
+The plan is printed, saved as `plan.json` in the run folder and embedded in every checkpoint, so inference
+preprocesses exactly as training did. Any planned value can be overridden in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from segment.config import Config
+from segment.io.dataset import Dataset
+from segment.io.image import read_image, read_label, to_canonical
+
+
+@dataclass
+class Plan:
+    """Everything preprocessing and the network shape depend on, beyond the user's config."""
+
+    spacing: list[float]
+    patch_size: list[int]
+    batch_size: int
+    features: list[int]
+    modality: str
+    channels: int
+    labels: dict[int, str]
+    ct_clip: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    ct_mean: float = 0.0
+    ct_std: float = 1.0
+    median_shape: list[int] = field(default_factory=list)
+    num_cases: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["labels"] = {str(k): v for k, v in self.labels.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        d["labels"] = {int(k): v for k, v in d["labels"].items()}
+        return cls(**d)
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+def _canonical_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Shape and spacing in canonical (RAS) axis order, read from the header only."""
+    img = nib.load(str(path)) if str(path).endswith((".nii", ".nii.gz")) else None
+    if img is None:
+        arr, geom = read_image(path)
+        _, canon = to_canonical(arr, geom)
+        return canon.shape, canon.spacing
+    ornt = nib.orientations.io_orientation(img.affine)
+    axes = [int(a) for a in ornt[:, 0]]
+    shape, zooms = img.shape[:3], img.header.get_zooms()[:3]
+    order = np.argsort(axes)
+    return tuple(int(shape[i]) for i in order), tuple(float(zooms[i]) for i in order)
+
+
+def fingerprint(dataset: Dataset, max_intensity_cases: int = 20) -> dict:
+    """Spacings, shapes (canonical axes) and foreground intensity statistics of a dataset."""
+    shapes, spacings = zip(*(_canonical_header(c.images[0]) for c in dataset.cases))
+    fg: list[np.ndarray] = []
+    step = max(1, len(dataset.cases) // max_intensity_cases)
+    for case in dataset.cases[::step][:max_intensity_cases]:
+        if case.label is None:
+            continue
+        img, geom = read_image(case.images[0])
+        lab = read_label(case.label)
+        vals = img[lab > 0]
+        if vals.size:
+            fg.append(np.random.default_rng(0).choice(vals, size=min(vals.size, 10000), replace=False))
+    fg_all = np.concatenate(fg) if fg else np.zeros(1, np.float32)
+    return {
+        "shapes": [list(s) for s in shapes],
+        "spacings": [list(s) for s in spacings],
+        "median_spacing": np.median(np.array(spacings), axis=0).tolist(),
+        "fg_percentiles": [float(np.percentile(fg_all, q)) for q in (0.5, 50, 99.5)],
+        "fg_mean": float(fg_all.mean()),
+        "fg_std": float(fg_all.std() + 1e-8),
+    }
+
+
+def _round_up(n: float, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def plan_patch(median_shape: Sequence[int], budget_voxels: int, max_depth: int = 5, min_bottleneck: int = 4) -> tuple[list[int], int]:
+    """Patch covering the median case (shrunk along the longest axis until it fits the budget), and the U-Net depth.
+
+    Depth: as many stride-2 levels as keep the smallest patch axis >= `min_bottleneck` voxels at the bottleneck.
+    """
+    patch = [float(s) for s in median_shape]
+    while np.prod(patch) > budget_voxels:
+        i = int(np.argmax(patch))
+        patch[i] *= 0.9
+    depth = max(2, min(max_depth, int(math.log2(max(min(patch), min_bottleneck) / min_bottleneck)) + 1))
+    multiple = 2 ** (depth - 1)
+    return [max(multiple * 2, _round_up(p, multiple)) for p in patch], depth
+
+
+def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan, dict]:
+    """Plan spacing, patch, depth and batch from the fingerprint; config values override planned ones."""
+    fp = fingerprint(dataset)
+    spacing = list(cfg.data.target_spacing or fp["median_spacing"])
+    resampled = [[int(round(n * s / t)) for n, s, t in zip(shape, sp, spacing)] for shape, sp in zip(fp["shapes"], fp["spacings"])]
+    median_shape = [int(v) for v in np.median(np.array(resampled), axis=0)]
+    budget = 128**3 if device == "cuda" else 64**3
+    patch, depth = plan_patch(median_shape, budget)
+    if cfg.data.patch_size:
+        patch = list(cfg.data.patch_size)
+        depth = len(cfg.model.features)
+    base = cfg.model.features
+    features = base if len(base) == depth else [base[0] * 2**i for i in range(depth)]
+    features = [min(f, 320) for f in features]
+    batch = cfg.data.batch_size or int(np.clip((64**3 if device != "cuda" else 128**3 * 2) // int(np.prod(patch)), 2, 16))
+    modality = cfg.data.modality if cfg.data.modality != "auto" else ("ct" if dataset.modality == "ct" else "mri")
+    p_lo, _, p_hi = fp["fg_percentiles"]
+    clip = list(cfg.data.ct_clip or [p_lo, p_hi])
+    plan = Plan(
+        spacing=spacing, patch_size=patch, batch_size=batch, features=features, modality=modality,
+        channels=dataset.channels, labels=dict(dataset.labels), ct_clip=clip, ct_mean=fp["fg_mean"], ct_std=fp["fg_std"],
+        median_shape=median_shape, num_cases=len(dataset.cases),
+    )
+    return plan, fp

@@ -1,0 +1,1 @@
+"""Inference: sliding-window / overlap-tile prediction and the Predictor that maps labels back to the scan's geometry."""

@@ -1,0 +1,1 @@
+"""Training: the LightningModule and the `segment train` runner."""

@@ -1,0 +1,219 @@
+"""`segment train`: discover -> plan -> cache -> fit with Lightning -> checkpoints, logs and curves in one run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from segment.config import Config, dump_config, validate
+from segment.data.pipeline import load_or_make_split, make_loaders, make_split
+from segment.data.plan import Plan, make_plan
+from segment.errors import ConfigError, InputError
+from segment.io.dataset import Dataset, discover
+from segment.train.precision import choose_precision
+
+console = Console(stderr=True)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    val_dice: dict[str, float]
+    steps: int
+    seconds: float
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'30m', '2h', '90s', '45' (minutes) or Lightning's 'DD:HH:MM:SS' -> seconds."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text)
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 60}[m.group(2)]
+        return float(m.group(1)) * unit
+    parts = text.split(":")
+    if len(parts) == 4 and all(p.isdigit() for p in parts):
+        d, h, mi, s = (int(p) for p in parts)
+        return float(((d * 24 + h) * 60 + mi) * 60 + s)
+    raise ConfigError(f"train.max_time: {text!r} is not a duration (use e.g. 30m, 2h, 90s or DD:HH:MM:SS)")
+
+
+def _rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _accelerator(cfg: Config) -> str:
+    acc = cfg.train.accelerator
+    if acc == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.accelerator: CUDA was requested but no GPU is visible (run `segment doctor`)")
+    return "cuda" if acc == "gpu" else acc
+
+
+def prepare_run_dir(output: Path, resume: bool) -> Path:
+    """Create the run folder; refuse to reuse a non-empty one unless resuming (never overwrite a user's run)."""
+    if resume:
+        if not (output / "checkpoints" / "last.ckpt").is_file():
+            raise InputError(f"{output}: nothing to resume (no checkpoints/last.ckpt)")
+        return output
+    if _rank_zero() and output.exists() and any(output.iterdir()):
+        raise InputError(f"{output}: run folder already exists and is not empty; use --resume to continue it or choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    """The configured dataset, or the embedded demo dataset (generated on first use)."""
+    if cfg.data.root is None:
+        from segment.data.demo import ensure_demo_dataset
+
+        root = ensure_demo_dataset()
+        console.print(f"[bold]No --data given:[/] training on the embedded demo dataset in {root}")
+    else:
+        root = cfg.data.root
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = discover(root)
+    for w in caught[:10]:
+        console.print(f"[yellow]warning:[/] {w.message}")
+    if dataset.unpaired:
+        console.print(f"[yellow]{len(dataset.unpaired)} unpaired file(s) ignored[/], e.g. {dataset.unpaired[0]}")
+    if cfg.data.max_cases:
+        dataset.cases = dataset.cases[: cfg.data.max_cases]
+    if len(dataset.cases) < 2:
+        raise InputError(f"{root}: need at least 2 labelled cases (one to train, one to validate), found {len(dataset.cases)}")
+    return dataset
+
+
+def _apply_plan(cfg: Config, plan: Plan) -> Config:
+    """The model config follows the plan (depth, widths) and the dataset (channels, classes)."""
+    raw = cfg.model_dump(mode="json")
+    raw["model"].update(features=plan.features, in_channels=plan.channels, out_channels=len(plan.labels))
+    raw["data"]["patch_size"] = plan.patch_size
+    raw["data"]["batch_size"] = plan.batch_size
+    raw["data"]["target_spacing"] = plan.spacing
+    return validate(raw, "planned config")
+
+
+def plan_table(plan: Plan, precision: str, accelerator: str) -> Table:
+    table = Table(title="Plan", show_header=False)
+    for key, value in [
+        ("cases", plan.num_cases), ("classes", ", ".join(f"{k}:{v}" for k, v in plan.labels.items())),
+        ("modality", plan.modality), ("spacing (mm)", plan.spacing), ("median shape", plan.median_shape),
+        ("patch", plan.patch_size), ("batch", plan.batch_size), ("features", plan.features),
+        ("device", accelerator), ("precision", precision),
+    ]:
+        table.add_row(key, str(value))
+    return table
+
+
+def _setup_run(cfg: Config, run_dir: Path, resume: bool, accelerator: str) -> tuple[Config, Plan, Dataset]:
+    """Plan a new run (saved in the run folder) or reload a resumed run's saved config and plan."""
+    if resume:
+        saved = validate(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
+        raw = saved.model_dump(mode="json")
+        raw["train"].update({k: v for k, v in cfg.train.model_dump(mode="json").items() if k in ("max_epochs", "max_time")})
+        cfg = validate(raw, "resumed config")
+        plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
+        return cfg, plan, load_dataset(cfg)
+    dataset = load_dataset(cfg)
+    plan, fp = make_plan(dataset, cfg, device=accelerator)
+    cfg = _apply_plan(cfg, plan)
+    if _rank_zero():
+        plan.save(run_dir / "plan.json")
+        (run_dir / "fingerprint.json").write_text(json.dumps(fp, indent=1))
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    return cfg, plan, dataset
+
+
+def _trainer(cfg: Config, run_dir: Path, precision: str, accelerator: str, max_time_s: float | None) -> pl.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg.train
+    loggers: list = [CSVLogger(run_dir, name="logs", version="")]
+    if t.tensorboard:
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice_mean", mode="max", save_last=True,
+    )
+    return pl.Trainer(
+        accelerator=accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=precision,
+        max_epochs=t.max_epochs, max_time=None if max_time_s is None else timedelta(seconds=max_time_s),
+        check_val_every_n_epoch=t.val_every, logger=loggers, callbacks=[ckpt, RichProgressBar()],
+        default_root_dir=run_dir, log_every_n_steps=min(50, t.steps_per_epoch), num_sanity_val_steps=0,
+        enable_model_summary=False, deterministic=False,
+    )
+
+
+def train(cfg: Config, output: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train a model as configured; return where its checkpoints and metrics are."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    accelerator = _accelerator(cfg)
+    name = (Path(cfg.data.root).name if cfg.data.root else "demo") + time.strftime("-%Y%m%d-%H%M%S")
+    run_dir = prepare_run_dir(Path(output) if output else Path("runs") / name, resume)
+    cfg, plan, dataset = _setup_run(cfg, run_dir, resume, accelerator)
+    precision = choose_precision(cfg, plan, accelerator)
+    console.print(plan_table(plan, precision, accelerator))
+    split = load_or_make_split(run_dir, dataset, cfg) if _rank_zero() else make_split(
+        [c.name for c in dataset.cases], cfg.seed, cfg.data.val_fraction, cfg.data.folds, cfg.data.fold)
+    console.print(f"split: {len(split['train'])} training / {len(split['val'])} validation cases (saved in {run_dir / 'split.json'})")
+    train_loader, val_loader = make_loaders(dataset, split, plan, cfg)
+
+    from segment.train.module import SegmentationModule
+
+    max_time_s = parse_duration(cfg.train.max_time)
+    module = SegmentationModule(cfg.model_dump(mode="json"), plan.to_dict(), max_time_s=max_time_s)
+    trainer = _trainer(cfg, run_dir, precision, accelerator, max_time_s)
+    t0 = time.monotonic()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    result = _finish(trainer, run_dir, plan, time.monotonic() - t0)
+    return result
+
+
+def _finish(trainer: pl.Trainer, run_dir: Path, plan: Plan, seconds: float) -> TrainResult:
+    """Plot curves, print the final per-class validation Dice, write summary.json."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_dice")}
+    ckpt_cb = trainer.checkpoint_callback
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    summary = {
+        "steps": trainer.global_step, "seconds": round(seconds, 1), "val_dice": metrics,
+        "best_val_dice_mean": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
+        "best_checkpoint": str(best) if best else None,
+    }
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            from segment.evaluation.figures import plot_training_curves
+
+            plot_training_curves({"run": run_dir / "logs" / "metrics.csv"}, run_dir / "curves.png")
+        except Exception as err:  # a plotting problem must not hide a finished training run
+            console.print(f"[yellow]could not plot training curves: {err}[/]")
+        table = Table(title=f"Validation Dice after {trainer.global_step} steps ({seconds / 60:.1f} min)")
+        table.add_column("class")
+        table.add_column("Dice", justify="right")
+        for key, value in metrics.items():
+            table.add_row(key.removeprefix("val_dice_"), f"{value:.4f}")
+        console.print(table)
+        console.print(f"run folder: {run_dir}  (best checkpoint: {best})")
+    return TrainResult(run_dir, best, last if last.is_file() else None, metrics, trainer.global_step, seconds)
