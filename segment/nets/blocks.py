@@ -1,0 +1,150 @@
+"""Building blocks of the U-Net: centre crop, conv-norm-act, the residual block, and upsampling.
+
+Conventions used throughout `segment.nets`:
+- All 3x3 convolutions use padding 1 in `same` mode and padding 0 in `valid` mode (each shrinks a map by 2 voxels
+  per axis). Convolutions followed by a norm carry no bias (the norm's shift makes it redundant).
+- Layer classes come from MONAI's factories, so 2D and 3D share one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from monai.networks.layers.factories import Act, Conv, Norm
+from torch import Tensor, nn
+
+Padding = Literal["same", "valid"]
+NEG_SLOPE = 0.01  # LeakyReLU slope; also the `a` of the Kaiming init
+
+
+def center_crop(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Crop the trailing `len(size)` dims of `x` to `size`, centred.
+
+    Each axis drops `(n - s) // 2` voxels at the start and the rest at the end, so when `n - s` is odd the extra
+    voxel is removed from the END (high-index side). This is the same convention as MONAI's `CenterSpatialCrop`.
+    """
+    size = [int(s) for s in size]
+    spatial = x.shape[x.dim() - len(size):]
+    if len(size) > x.dim() or any(s < 0 or s > n for s, n in zip(size, spatial)):
+        raise ValueError(f"center_crop: cannot crop trailing dims {tuple(spatial)} to {tuple(size)}")
+    index: list[slice] = [slice(None)] * (x.dim() - len(size))
+    index += [slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(spatial, size)]
+    return x[tuple(index)]
+
+
+def make_norm(kind: str, dims: int, channels: int) -> nn.Module:
+    """Instance or batch norm, always affine so the scale can be zero-initialised."""
+    if kind == "instance":
+        return Norm[Norm.INSTANCE, dims](channels, affine=True)
+    return Norm[Norm.BATCH, dims](channels, affine=True)
+
+
+def make_act(kind: str) -> nn.Module:
+    """LeakyReLU(0.01) or ReLU, in place-safe (not in-place, so residual sums stay correct)."""
+    return Act[Act.LEAKYRELU](negative_slope=NEG_SLOPE) if kind == "leakyrelu" else Act[Act.RELU]()
+
+
+def make_conv(dims: int, cin: int, cout: int, kernel: int, stride: int = 1, padding: Padding = "same",
+              bias: bool = False) -> nn.Module:
+    """A `kernel`^dims convolution; `same` pads kernel//2, `valid` pads nothing."""
+    pad = kernel // 2 if padding == "same" else 0
+    return Conv[Conv.CONV, dims](cin, cout, kernel_size=kernel, stride=stride, padding=pad, bias=bias)
+
+
+class ConvNormAct(nn.Sequential):
+    """3x3 conv -> norm -> act: one decoder "block"."""
+
+    def __init__(self, dims: int, cin: int, cout: int, *, padding: Padding, norm: str, act: str) -> None:
+        super().__init__(make_conv(dims, cin, cout, 3, padding=padding), make_norm(norm, dims, cout), make_act(act))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with a shortcut.
+
+    Post-activation (default): `out = act(F(x) + shortcut(x))` with `F = conv-norm-act-conv-norm`.
+    Pre-activation (He et al. 2016): `out = F(x) + shortcut(x)` with `F = norm-act-conv-norm-act-conv`.
+    The shortcut is the identity, or a 1x1 conv (with the block's stride) + norm when channels or stride change.
+    In `valid` mode the branch shrinks the map, so the shortcut takes the centre of `x`: it is cropped by one voxel
+    per side before a strided projection (its samples then sit exactly on the strided 3x3 conv's centres), and
+    centre-cropped to the branch's output afterwards.
+
+    `zero_init` zeroes the scale of the branch's last norm, so at initialisation `F(x) == 0` (pre-activation:
+    every conv is bias-free, so the zeroed norm gives act(0) = 0 and conv(0) = 0). Hence at init a block with an
+    identity shortcut is exactly the identity (pre-activation) or exactly `act(x)` (post-activation); a block with
+    a projection equals `shortcut(x)` resp. `act(shortcut(x))`.
+
+    `residual=False` drops the shortcut (a plain conv stack of the same depth); it exists for the gradient-flow
+    comparison in the tests and is deliberately not a config field.
+    """
+
+    def __init__(self, dims: int, cin: int, cout: int, *, stride: int = 1, padding: Padding = "same",
+                 norm: str = "instance", act: str = "leakyrelu", preactivation: bool = False,
+                 zero_init: bool = True, residual: bool = True) -> None:
+        super().__init__()
+        self.padding, self.preactivation, self.residual = padding, preactivation, residual
+        conv1 = make_conv(dims, cin, cout, 3, stride, padding)
+        conv2 = make_conv(dims, cout, cout, 3, 1, padding)
+        if preactivation:
+            layers = [make_norm(norm, dims, cin), make_act(act), conv1, make_norm(norm, dims, cout), make_act(act), conv2]
+            self.last_norm = layers[3]
+        else:
+            layers = [conv1, make_norm(norm, dims, cout), make_act(act), conv2, make_norm(norm, dims, cout)]
+            self.last_norm = layers[4]
+        self.branch = nn.Sequential(*layers)
+        self.shortcut: nn.Module = nn.Identity()
+        if residual and (cin != cout or stride != 1):
+            self.shortcut = nn.Sequential(make_conv(dims, cin, cout, 1, stride, "valid"), make_norm(norm, dims, cout))
+        self.act = nn.Identity() if preactivation else make_act(act)
+        self.zero_init = zero_init
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.branch(x)
+        if self.residual:
+            if self.padding == "valid":
+                x = center_crop(x, [n - 2 for n in x.shape[2:]])
+            out = out + center_crop(self.shortcut(x), out.shape[2:])
+        return self.act(out)
+
+
+class Upsample(nn.Module):
+    """Double the spatial size and map `cin` -> `cout` channels.
+
+    `transpose`: a 2x2 transposed conv with stride 2. `interpolate`: a 1x1 conv followed by (bi/tri)linear
+    interpolation; the two commute exactly (interpolation weights sum to one), and convolving on the coarse grid
+    first is 2^dims times cheaper than the textbook order.
+    """
+
+    def __init__(self, dims: int, cin: int, cout: int, mode: str = "transpose") -> None:
+        super().__init__()
+        self.mode = mode
+        if mode == "transpose":
+            self.conv = Conv[Conv.CONVTRANS, dims](cin, cout, kernel_size=2, stride=2, bias=True)
+        else:
+            self.conv = Conv[Conv.CONV, dims](cin, cout, kernel_size=1, bias=True)
+        self._interp = "bilinear" if dims == 2 else "trilinear"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.mode == "transpose":
+            return x
+        return nn.functional.interpolate(x, scale_factor=2.0, mode=self._interp, align_corners=False)
+
+
+def init_weights(module: nn.Module, act: str) -> None:
+    """Kaiming-normal convs (fan-in as in nnU-Net, matching the activation), zero biases, unit norms; then zero residual scales."""
+    nonlin, a = ("leaky_relu", NEG_SLOPE) if act == "leakyrelu" else ("relu", 0.0)
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(m.weight, a=a, mode="fan_in", nonlinearity=nonlin)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if isinstance(m, ResidualBlock) and m.zero_init and m.residual:
+            with torch.no_grad():
+                m.last_norm.weight.zero_()

@@ -1,0 +1,227 @@
+"""A residual-encoder U-Net, written to be read: encoder, decoder built from the encoder's channels, 1x1 heads.
+
+Geometry (per axis; every axis follows the same rule):
+- Stage 0 keeps the resolution; every later stage starts with a stride-2 3x3 conv, so there are `depth - 1`
+  halvings and the decoder doubles back with a 2x upsampling per level.
+- `same` padding: any input size works and the output equals the input. An odd size is halved with rounding up
+  (`ceil(n/2)`), and after upsampling the decoder map is centre-cropped back to the encoder map of that level
+  (the extra voxel is dropped at the end, see `center_crop`). Sizes that are multiples of `size_multiple()` need no
+  crop at all.
+- `valid` padding (original U-Net): 3x3 convs pad nothing, so every conv eats one voxel per side. An input is
+  allowed when every stride-2 conv sees an odd size (so no voxel is silently dropped); the allowed sizes are
+  `min_input_size() + k * size_multiple()`, and the output is `input - output_margin()`. The encoder map is
+  centre-cropped to the decoder map before concatenation.
+Downsampling with a 3x3 stride-2 conv and upsampling with a 2x2 transposed conv place the coarse grid half a
+voxel off the fine grid, in both modes; this is the usual (nnU-Net-style) trade-off and is why the valid-mode
+skip crops differ by an odd number of voxels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from segment.config import ModelConfig
+from segment.errors import GeometryError
+from segment.nets.blocks import ConvNormAct, ResidualBlock, Upsample, center_crop, init_weights, make_conv
+
+
+def blocks_list(cfg: ModelConfig) -> list[int]:
+    """Residual blocks per encoder stage, as a list of length depth."""
+    b = cfg.blocks_per_stage
+    return list(b) if isinstance(b, list) else [b] * len(cfg.features)
+
+
+class Encoder(nn.Module):
+    """Stages of residual blocks; the first block of every stage after the first downsamples by 2."""
+
+    def __init__(self, cfg: ModelConfig, *, residual: bool = True) -> None:
+        super().__init__()
+        self.channels: list[int] = list(cfg.features)
+        stages, cin = [], cfg.in_channels
+        for s, (cout, n_blocks) in enumerate(zip(cfg.features, blocks_list(cfg))):
+            blocks = [
+                ResidualBlock(cfg.spatial_dims, cin if b == 0 else cout, cout, stride=2 if s > 0 and b == 0 else 1,
+                              padding=cfg.padding, norm=cfg.norm, act=cfg.act, preactivation=cfg.preactivation,
+                              zero_init=cfg.zero_init_residual, residual=residual)
+                for b in range(n_blocks)
+            ]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Feature maps of every stage, highest resolution first (the last one is the bottleneck)."""
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class Decoder(nn.Module):
+    """Upsample -> (crop + concat the kept skip) -> conv-norm-act blocks, one stage per encoder level but the last.
+
+    Built from the encoder's channel list so the two halves cannot disagree. Stage `s` (0 = highest resolution)
+    upsamples from `channels[s+1]` to `channels[s]`; its first conv sees `2 * channels[s]` inputs when the skip of
+    level `s` is kept and `channels[s]` when it is not.
+    """
+
+    def __init__(self, channels: Sequence[int], kept: Sequence[int], *, dims: int, blocks: int, padding: str,
+                 norm: str, act: str, upsample: str) -> None:
+        super().__init__()
+        self.kept, self.padding = sorted(kept), padding
+        self.ups = nn.ModuleList(Upsample(dims, channels[s + 1], channels[s], upsample) for s in range(len(channels) - 1))
+        self.stages = nn.ModuleList()
+        for s in range(len(channels) - 1):
+            cin = channels[s] * (2 if s in self.kept else 1)
+            convs = [ConvNormAct(dims, cin if i == 0 else channels[s], channels[s], padding=padding, norm=norm, act=act)
+                     for i in range(blocks)]
+            self.stages.append(nn.Sequential(*convs))
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        """Decoder maps at levels 0..depth-2 (highest resolution first)."""
+        x, outs = feats[-1], [None] * len(self.stages)
+        for s in reversed(range(len(self.stages))):
+            x, skip = self.ups[s](x), feats[s]
+            if self.padding == "same":  # odd sizes: the upsampled map is one voxel larger; crop it back
+                x = center_crop(x, skip.shape[2:])
+            if s in self.kept:
+                x = torch.cat([center_crop(skip, x.shape[2:]), x], dim=1)
+            x = self.stages[s](x)
+            outs[s] = x
+        return outs  # type: ignore[return-value]
+
+
+class UNet(nn.Module):
+    """Residual-encoder U-Net with switchable long skips. Build it with `build_model(cfg)`.
+
+    One 1x1 head per decoder level is always built (level 0 = the main output), so checkpoint keys never depend on
+    `cfg.deep_supervision`; whether the auxiliary outputs enter the loss is the trainer's business.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, residual: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg.model_copy(deep=True)
+        self.encoder = Encoder(cfg, residual=residual)
+        self.decoder = Decoder(self.encoder.channels, cfg.kept_skips(), dims=cfg.spatial_dims, blocks=cfg.decoder_blocks,
+                               padding=cfg.padding, norm=cfg.norm, act=cfg.act, upsample=cfg.upsample)
+        self.heads = nn.ModuleList(make_conv(cfg.spatial_dims, c, cfg.out_channels, 1, bias=True)
+                                   for c in self.encoder.channels[:-1])
+        init_weights(self, cfg.act)
+        self._min_size = _min_valid_size(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Main logits `(N, out_channels, *output_size(x.shape[2:]))`."""
+        self.output_size(x.shape[2:])
+        return self.heads[0](self.decoder(self.encoder(x))[0])
+
+    def forward_all(self, x: Tensor) -> list[Tensor]:
+        """`[main, aux at level 1, aux at level 2, ...]`; each aux is half the resolution of the one before."""
+        self.output_size(x.shape[2:])
+        return [head(d) for head, d in zip(self.heads, self.decoder(self.encoder(x)))]
+
+    # ---- geometry -------------------------------------------------------------------------------------------
+    def size_multiple(self) -> int:
+        """2**(depth-1): the step between allowed valid-mode sizes; same-mode sizes divisible by it need no crop."""
+        return 2 ** (len(self.cfg.features) - 1)
+
+    def min_input_size(self) -> int:
+        """Smallest allowed size per axis (same mode: 1; the whole input must still leave >= 2 bottleneck voxels)."""
+        return self._min_size
+
+    def output_margin(self) -> int:
+        """`input - output` per axis for every allowed size (0 in same mode)."""
+        return self._min_size - _trace_axis(self.cfg, self._min_size)[1]
+
+    def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
+        """Spatial output size for `input_size`; raises GeometryError (a ValueError) naming the allowed sizes."""
+        sizes = [int(n) for n in input_size]
+        if len(sizes) != self.cfg.spatial_dims:
+            raise GeometryError(f"input size {tuple(sizes)}: expected {self.cfg.spatial_dims} spatial dims")
+        for axis, n in enumerate(sizes):
+            if not self._allowed(n):
+                raise GeometryError(f"input size {tuple(sizes)}: axis {axis} = {n} is not allowed; {self._rule()}")
+        bottleneck = [_trace_axis(self.cfg, n)[0][-1] for n in sizes]
+        if math.prod(bottleneck) < 2:
+            raise GeometryError(f"input size {tuple(sizes)} leaves a single voxel at the deepest stage, which "
+                                f"normalisation cannot handle; use e.g. {self._min_size + self.size_multiple()} voxels on one axis")
+        return tuple(_trace_axis(self.cfg, n)[1] for n in sizes)
+
+    def input_size_for(self, output_size: Sequence[int]) -> tuple[int, ...]:
+        """Smallest allowed input whose output is at least `output_size` on every axis."""
+        step, margin = self.size_multiple(), self.output_margin()
+        if self.cfg.padding == "same":
+            return tuple(max(int(n), self._min_size) for n in output_size)
+        return tuple(self._min_size + step * max(0, math.ceil((int(n) + margin - self._min_size) / step))
+                     for n in output_size)
+
+    def _allowed(self, n: int) -> bool:
+        if n < self._min_size:
+            return False
+        return self.cfg.padding == "same" or (n - self._min_size) % self.size_multiple() == 0
+
+    def _rule(self) -> str:
+        lo, step = self._min_size, self.size_multiple()
+        if self.cfg.padding == "same":
+            return f"padding 'same' needs at least {lo} voxels per axis"
+        return (f"padding 'valid' allows {lo} + k*{step} voxels per axis (e.g. {lo}, {lo + step}, {lo + 2 * step}), "
+                f"giving an output {self.output_margin()} voxels smaller")
+
+
+def _trace_axis(cfg: ModelConfig, n: int) -> tuple[list[int], int]:
+    """Encoder sizes of every stage and the output size along one axis; -1 output when `n` is not allowed."""
+    shrink = 2 if cfg.padding == "valid" else 0  # voxels one 3x3 conv removes
+    enc: list[int] = []
+    for s, n_blocks in enumerate(blocks_list(cfg)):
+        for b in range(n_blocks):
+            if s > 0 and b == 0:
+                if cfg.padding == "valid" and n % 2 == 0:
+                    return enc, -1  # a stride-2 valid conv would drop the last voxel
+                n = (n - 1) // 2 if cfg.padding == "valid" else (n + 1) // 2
+                n -= shrink
+            else:
+                n -= 2 * shrink
+            if n < 1:
+                return enc, -1
+        enc.append(n)
+    d = enc[-1]
+    for s in reversed(range(len(enc) - 1)):
+        d = enc[s] if cfg.padding == "same" else 2 * d
+        d -= shrink * cfg.decoder_blocks
+        if d < 1:
+            return enc, -1
+    return enc, d
+
+
+def _min_valid_size(cfg: ModelConfig) -> int:
+    """Smallest per-axis input that passes `_trace_axis` (allowed sizes repeat every `2**(depth-1)` from there)."""
+    for n in range(1, 1 << 16):
+        if _trace_axis(cfg, n)[1] > 0:
+            return n
+    raise GeometryError(f"model: no input size up to 65535 voxels works for features={cfg.features}")
+
+
+def receptive_field(cfg: ModelConfig) -> int:
+    """Theoretical receptive field (voxels per axis) of one output voxel, along the deepest path."""
+    rf, jump = 1, 1
+    for s, n_blocks in enumerate(blocks_list(cfg)):
+        for b in range(n_blocks):
+            rf += 2 * jump  # first 3x3 conv of the block
+            if s > 0 and b == 0:
+                jump *= 2
+            rf += 2 * jump  # second 3x3 conv
+    for _ in range(len(cfg.features) - 1):
+        if cfg.upsample == "interpolate":
+            rf += jump  # linear interpolation mixes two coarse neighbours
+        jump //= 2  # a 2x2 stride-2 transposed conv reads one coarse voxel
+        rf += 2 * jump * cfg.decoder_blocks
+    return rf
+
+
+def build_model(cfg: ModelConfig) -> UNet:
+    """The one way the rest of the code gets a network."""
+    return UNet(cfg)
