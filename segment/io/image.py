@@ -170,12 +170,12 @@ def _read_raw(path: str | Path) -> tuple[np.ndarray, Geometry]:
 
 
 def _check_volume(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.size == 0:
+        raise InputError(f"{path}: empty image (shape {array.shape})")
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
         raise InputError(f"{path}: {array.ndim}D image of shape {array.shape}, expected a 3D volume")
-    if array.size == 0:
-        raise InputError(f"{path}: empty image (shape {array.shape})")
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise InputError(f"{path}: {int((~np.isfinite(array)).sum())} voxels are NaN or infinite")
     return array
@@ -191,6 +191,8 @@ def read_geometry(path: str | Path) -> Geometry:
     except Exception as err:
         raise InputError(f"{path}: not a readable NIfTI image ({err})") from None
     shape = tuple(img.shape)
+    if 0 in shape:
+        raise InputError(f"{path}: empty image (shape {shape})")
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:
