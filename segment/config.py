@@ -241,7 +241,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         source = str(path)
     raw = apply_overrides(raw, overrides or [])
-    return validate(raw, source)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        key = ".".join(str(p) for p in err.errors()[0]["loc"])
+        given = {o.split("=", 1)[0].strip() for o in overrides or []}
+        from_cli = any(key == g or key.startswith(g + ".") or g.startswith(key + ".") for g in given)
+        raise ConfigError(_describe(err, "--set" if from_cli else source)) from None
 
 
 def dump_config(cfg: Config) -> str:

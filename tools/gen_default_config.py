@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
 from pydantic import BaseModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,7 +26,9 @@ def _lines(model: BaseModel, indent: int = 0) -> list[str]:
             out.append(f"{pad}{name}:  # {doc}")
             out.extend(_lines(value, indent + 1))
         else:
-            shown = json.dumps(value if not isinstance(value, Path) else str(value))
+            plain = str(value) if isinstance(value, Path) else value
+            # YAML 1.1 reads `1e-05` as a string, so floats go through the YAML dumper; the rest as JSON (valid YAML)
+            shown = yaml.safe_dump(plain).split("\n")[0] if isinstance(plain, float) else json.dumps(plain)
             out.append(f"{pad}{name}: {shown}  # {field.description}")
     return out
 

@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from segment.config import Config
 from segment.io.dataset import Dataset
-from segment.io.image import read_image, read_label, to_canonical
+from segment.io.image import read_geometry, read_image, read_label
 
 
 @dataclass
@@ -54,17 +53,11 @@ class Plan:
 
 
 def _canonical_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Shape and spacing in canonical (RAS) axis order, read from the header only."""
-    img = nib.load(str(path)) if str(path).endswith((".nii", ".nii.gz")) else None
-    if img is None:
-        arr, geom = read_image(path)
-        _, canon = to_canonical(arr, geom)
-        return canon.shape, canon.spacing
-    ornt = nib.orientations.io_orientation(img.affine)
-    axes = [int(a) for a in ornt[:, 0]]
-    shape, zooms = img.shape[:3], img.header.get_zooms()[:3]
-    order = np.argsort(axes)
-    return tuple(int(shape[i]) for i in order), tuple(float(zooms[i]) for i in order)
+    """Shape and spacing in canonical (RAS) axis order, from the header only."""
+    from segment.data.preprocess import canonical_grid
+
+    grid = canonical_grid(read_geometry(path))
+    return grid.shape, grid.spacing
 
 
 def fingerprint(dataset: Dataset, max_intensity_cases: int = 20) -> dict:

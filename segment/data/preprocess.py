@@ -42,15 +42,21 @@ def normalise(image: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Per-channel intensity normalisation: z-score per volume (MRI, other) or clip + dataset z-score (CT)."""
     if plan.modality == "ct":
         lo, hi = plan.ct_clip
-        clipped = image.clamp(lo, hi)
-        return NormalizeIntensity(subtrahend=plan.ct_mean, divisor=plan.ct_std)(clipped)
-    return NormalizeIntensity(channel_wise=True)(image)
+        out = NormalizeIntensity(subtrahend=plan.ct_mean, divisor=plan.ct_std)(image.clamp(lo, hi))
+    else:
+        out = NormalizeIntensity(channel_wise=True)(image)
+    return torch.as_tensor(out.as_tensor() if hasattr(out, "as_tensor") else out)
+
+
+def canonical_grid(geometry: Geometry) -> Geometry:
+    """The Geometry of `geometry`'s voxels after exact reorientation to RAS (no voxels are touched)."""
+    return to_canonical(np.zeros(geometry.shape, dtype=np.uint8), geometry)[1]
 
 
 def prepare_image(channels: Sequence[np.ndarray], geometry: Geometry, plan: Plan) -> torch.Tensor:
     """Voxels on the source grid (one array per channel) -> normalised (C, *spatial) tensor on the plan's grid."""
     canon = [to_canonical(np.asarray(c, dtype=np.float32), geometry)[0] for c in channels]
-    canon_geom = to_canonical(np.zeros(geometry.shape, dtype=np.uint8), geometry)[1]
+    canon_geom = canonical_grid(geometry)
     x = torch.from_numpy(np.ascontiguousarray(np.stack(canon)))
     size = resampled_shape(canon_geom.shape, canon_geom.spacing, plan.spacing)
     x = _resize(x, size, _linear_mode(x.ndim - 1))
@@ -67,8 +73,7 @@ def prepare_label(label: np.ndarray, geometry: Geometry, plan: Plan) -> torch.Te
 
 def restore_probabilities(probs: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """(K, *plan grid) class probabilities -> (K, *canonical grid of the source scan), ready for argmax."""
-    canon_shape = to_canonical(np.zeros(geometry.shape, dtype=np.uint8), geometry)[1].shape
-    return _resize(probs.float(), canon_shape, _linear_mode(probs.ndim - 1))
+    return _resize(probs.float(), canonical_grid(geometry).shape, _linear_mode(probs.ndim - 1))
 
 
 def to_source_grid(canonical: np.ndarray, geometry: Geometry) -> np.ndarray:
