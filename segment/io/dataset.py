@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from segment.errors import GeometryError, InputError
+from segment.errors import ConfigError, GeometryError, InputError
 from segment.io.image import read_geometry, read_label
 
 log = logging.getLogger(__name__)
@@ -160,10 +160,11 @@ def _group(images: dict[str, Path], labels: dict[str, Path]) -> dict[str, dict[i
 def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error", "skip"] = "skip") -> Dataset:
     """Pair images with labels under `root`, report what does not pair, and (with check) verify every pair."""
     root = Path(root)
+    if on_problem not in ("error", "skip"):
+        raise ConfigError(f"on_problem={on_problem!r}: expected 'error' or 'skip'")
     if not root.is_dir():
         raise InputError(f"{root}: dataset folder not found")
     meta = _read_meta(root)
-    labels = _parse_labels(meta, root)
     modality, declared = _modality(meta)
     images, label_files, clashes = _folders(root)
     grouped = _group(images, label_files)
@@ -171,8 +172,26 @@ def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error
     channels = declared or (counts.most_common(1)[0][0] if counts else 1)
     unpaired = sorted([p for n, c in grouped.items() if n not in label_files for p in c.values()]
                       + [p for n, p in label_files.items() if n not in grouped])
-    problems: dict[str, str] = {}
-    cases = []
+    if unpaired:
+        names = ", ".join(p.name for p in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
+        warnings.warn(f"{root}: {len(unpaired)} files without a partner, left out: {names}", stacklevel=2)
+    cases, problems = _pair(root, grouped, label_files, clashes, channels)
+    dataset = Dataset(root, cases, _parse_labels(meta, root), modality, channels, unpaired, {})
+    _handle(problems, dataset, on_problem)
+    if check:
+        _check_all(dataset, on_problem)
+    if not dataset.cases:
+        first = next(iter(dataset.skipped.values()), "")
+        detail = f"; {len(dataset.skipped)} skipped, e.g. {first}" if first else ""
+        raise InputError(f"{root}: no usable image/label pairs found (expected dataset.json + imagesTr/ + labelsTr/, "
+                         f"images/ + labels/, or X.nii.gz beside X_seg.nii.gz){detail}")
+    return dataset
+
+
+def _pair(root: Path, grouped: dict[str, dict[int, Path]], label_files: dict[str, Path], clashes: list[str],
+          channels: int) -> tuple[list[Case], dict[str, str]]:
+    """Cases whose name has both images and a label; structural problems (clashes, missing channels) by case name."""
+    cases, problems = [], {}
     for name in sorted(n for n in grouped if n in label_files):
         by_channel = grouped[name]
         if name in clashes or any(_split(p) in clashes for p in by_channel.values()):
@@ -182,18 +201,7 @@ def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error
                               f"({[p.name for p in by_channel.values()]})")
         else:
             cases.append(Case(name, tuple(by_channel[c] for c in range(channels)), label_files[name]))
-    if unpaired:
-        warnings.warn(f"{root}: {len(unpaired)} files without a partner, left out: {', '.join(p.name for p in unpaired[:5])}"
-                      + (" ..." if len(unpaired) > 5 else ""), stacklevel=2)
-    dataset = Dataset(root, cases, labels, modality, channels, unpaired, {})
-    _handle(problems, dataset, on_problem)
-    if check:
-        _check_all(dataset, on_problem)
-    if not dataset.cases:
-        detail = f"; {len(dataset.skipped)} skipped, e.g. {next(iter(dataset.skipped.values()))}" if dataset.skipped else ""
-        raise InputError(f"{root}: no usable image/label pairs found (expected dataset.json + imagesTr/ + labelsTr/, "
-                         f"images/ + labels/, or X.nii.gz beside X_seg.nii.gz){detail}")
-    return dataset
+    return cases, problems
 
 
 def _handle(problems: dict[str, str], dataset: Dataset, on_problem: str) -> None:

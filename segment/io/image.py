@@ -49,7 +49,9 @@ class Geometry:
         object.__setattr__(self, "source", str(self.source))
 
     @classmethod
-    def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...], dtype: str = "float32", source: str = "") -> Geometry:
+    def from_affine(
+        cls, affine: np.ndarray, shape: tuple[int, ...], dtype: str = "float32", source: str = ""
+    ) -> Geometry:
         """Build a geometry whose spacing and orientation are derived from the affine (they cannot disagree)."""
         affine = np.asarray(affine, dtype=np.float64)
         spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
@@ -152,7 +154,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def _read_raw(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Voxels as stored (scaling applied) plus geometry; checks the things every caller needs (3D, finite, non-empty)."""
+    """Voxels as stored (scaling applied) plus geometry, checked for what every caller needs: 3D, finite, non-empty."""
     path = _check_exists(path)
     if _is_nifti(path):
         try:
@@ -219,7 +221,8 @@ def read_label(path: str | Path, reference: Geometry | None = None) -> np.ndarra
         rounded = np.round(array)
         if not np.all(np.abs(array - rounded) < 1e-3):
             bad = array[np.abs(array - rounded) >= 1e-3].flat[0]
-            raise InputError(f"{path}: label map holds non-integer values (e.g. {bad:g}); expected class indices 0, 1, 2...")
+            raise InputError(f"{path}: label map holds non-integer values (e.g. {bad:g}); "
+                             "expected class indices 0, 1, 2...")
         array = rounded
     if array.min() < 0:
         raise InputError(f"{path}: label map holds negative values (min {array.min():g}); expected class indices >= 0")
