@@ -123,8 +123,11 @@ def plan_table(plan: Plan, precision: str, accelerator: str) -> Table:
     return table
 
 
-def _setup_run(cfg: Config, run_dir: Path, resume: bool, accelerator: str) -> tuple[Config, Plan, Dataset]:
-    """Plan a new run (saved in the run folder) or reload a resumed run's saved config and plan."""
+def _setup_run(cfg: Config, run_dir: Path, resume: bool, accelerator: str, plan: Plan | None = None) -> tuple[Config, Plan, Dataset]:
+    """Plan a new run (saved in the run folder) or reload a resumed run's saved config and plan.
+
+    A given `plan` (e.g. shared by the variants of an ablation) is used instead of planning anew.
+    """
     if resume:
         saved = validate(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
         raw = saved.model_dump(mode="json")
@@ -133,11 +136,14 @@ def _setup_run(cfg: Config, run_dir: Path, resume: bool, accelerator: str) -> tu
         plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
         return cfg, plan, load_dataset(cfg)
     dataset = load_dataset(cfg)
-    plan, fp = make_plan(dataset, cfg, device=accelerator)
+    fp: dict = {}
+    if plan is None:
+        plan, fp = make_plan(dataset, cfg, device=accelerator)
     cfg = _apply_plan(cfg, plan)
     if _rank_zero():
         plan.save(run_dir / "plan.json")
-        (run_dir / "fingerprint.json").write_text(json.dumps(fp, indent=1))
+        if fp:
+            (run_dir / "fingerprint.json").write_text(json.dumps(fp, indent=1))
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     return cfg, plan, dataset
 
@@ -162,15 +168,23 @@ def _trainer(cfg: Config, run_dir: Path, precision: str, accelerator: str, max_t
     )
 
 
-def train(cfg: Config, output: Path | None = None, resume: bool = False) -> TrainResult:
-    """Train a model as configured; return where its checkpoints and metrics are."""
+def train(
+    cfg: Config, output: Path | None = None, resume: bool = False, *,
+    plan: Plan | None = None, split: dict[str, list[str]] | None = None,
+) -> TrainResult:
+    """Train a model as configured; return where its checkpoints and metrics are.
+
+    `plan` and `split` let several runs (an ablation) share exactly the same preprocessing, patch and cases.
+    """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     accelerator = _accelerator(cfg)
     name = (Path(cfg.data.root).name if cfg.data.root else "demo") + time.strftime("-%Y%m%d-%H%M%S")
     run_dir = prepare_run_dir(Path(output) if output else Path("runs") / name, resume)
-    cfg, plan, dataset = _setup_run(cfg, run_dir, resume, accelerator)
+    cfg, plan, dataset = _setup_run(cfg, run_dir, resume, accelerator, plan)
+    if split is not None and _rank_zero() and not resume:
+        (run_dir / "split.json").write_text(json.dumps(split, indent=1))
     precision = choose_precision(cfg, plan, accelerator)
     console.print(plan_table(plan, precision, accelerator))
     split = load_or_make_split(run_dir, dataset, cfg) if _rank_zero() else make_split(
