@@ -205,21 +205,38 @@ def _min_valid_size(cfg: ModelConfig) -> int:
     raise GeometryError(f"model: no input size up to 65535 voxels works for features={cfg.features}")
 
 
-def receptive_field(cfg: ModelConfig) -> int:
-    """Theoretical receptive field (voxels per axis) of one output voxel, along the deepest path."""
-    rf, jump = 1, 1
+def _deepest_path(cfg: ModelConfig) -> list[str]:
+    """Layers along the longest input-to-output path, in forward order: 'conv', 'down', 'up'."""
+    ops: list[str] = []
     for s, n_blocks in enumerate(blocks_list(cfg)):
         for b in range(n_blocks):
-            rf += 2 * jump  # first 3x3 conv of the block
-            if s > 0 and b == 0:
-                jump *= 2
-            rf += 2 * jump  # second 3x3 conv
+            ops += ["down" if s > 0 and b == 0 else "conv", "conv"]
     for _ in range(len(cfg.features) - 1):
-        if cfg.upsample == "interpolate":
-            rf += jump  # linear interpolation mixes two coarse neighbours
-        jump //= 2  # a 2x2 stride-2 transposed conv reads one coarse voxel
-        rf += 2 * jump * cfg.decoder_blocks
-    return rf
+        ops += ["up"] + ["conv"] * cfg.decoder_blocks
+    return ops
+
+
+def receptive_field(cfg: ModelConfig) -> int:
+    """Theoretical receptive field (voxels per axis) of one output voxel, maximised over its position.
+
+    Traces the input interval `[lo, hi]` an output voxel depends on back through the deepest path (every shallower
+    path through a skip sees a sub-interval). Upsampling makes the answer depend on the voxel's phase on the coarse
+    grids, so all `2**(depth-1)` phases are tried; the closed-form `1 + sum (k-1)*jump` rule undercounts here.
+    """
+    widths = []
+    for phase in range(2 ** (len(cfg.features) - 1)):
+        lo = hi = phase
+        for op in reversed(_deepest_path(cfg)):
+            if op == "conv":  # 3x3, stride 1
+                lo, hi = lo - 1, hi + 1
+            elif op == "down":  # 3x3, stride 2
+                lo, hi = 2 * lo - 1, 2 * hi + 1
+            elif cfg.upsample == "transpose":  # 2x2 stride 2: fine voxel q reads coarse voxel q // 2
+                lo, hi = lo // 2, hi // 2
+            else:  # linear, align_corners=False: fine q reads coarse (q-1)//2 and (q-1)//2 + 1
+                lo, hi = (lo - 1) // 2, (hi - 1) // 2 + 1
+        widths.append(hi - lo + 1)
+    return max(widths)
 
 
 def build_model(cfg: ModelConfig) -> UNet:
