@@ -147,6 +147,8 @@ class TrainConfig(_Strict):
     tensorboard: bool = Field(False, description="also log to TensorBoard")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = all cores")
 
+    _precision_text = field_validator("precision", mode="before")(lambda v: str(v) if isinstance(v, int) else v)
+
 
 class PredictConfig(_Strict):
     """Inference settings (defaults for `segment predict`)."""
@@ -157,6 +159,8 @@ class PredictConfig(_Strict):
     tta: bool = Field(False, description="mirror test-time augmentation")
     largest_component: bool = Field(False, description="keep only the largest connected component per class")
     precision: Literal["auto", "32", "bf16", "16"] = Field("auto", description="autocast dtype for inference")
+
+    _precision_text = field_validator("precision", mode="before")(lambda v: str(v) if isinstance(v, int) else v)
 
 
 class EvaluateConfig(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -153,7 +154,9 @@ def _trainer(cfg: Config, run_dir: Path, precision: str, accelerator: str, max_t
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.train
-    loggers: list = [CSVLogger(run_dir, name="logs", version="")]
+    # A resumed run logs into logs/resumeN/ so the CSV of the earlier part is kept (CSVLogger deletes an existing file).
+    parts = sorted((run_dir / "logs").glob("**/metrics.csv"))
+    loggers: list = [CSVLogger(run_dir, name="logs", version=f"resume{len(parts)}" if parts else "")]
     if t.tensorboard:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
     ckpt = ModelCheckpoint(
@@ -204,6 +207,23 @@ def train(
     return result
 
 
+def merge_metrics(run_dir: Path) -> Path:
+    """One `metrics.csv` in the run folder joining the logs of the first part and every resumed part."""
+    parts = sorted((run_dir / "logs").glob("metrics.csv")) + sorted((run_dir / "logs").glob("resume*/metrics.csv"),
+                                                                      key=lambda p: int(p.parent.name[6:] or 0))
+    rows: list[dict] = []
+    for part in parts:
+        with part.open(newline="") as f:
+            rows.extend(csv.DictReader(f))
+    fields = sorted({k for r in rows for k in r})
+    out = run_dir / "metrics.csv"
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
 def _finish(trainer: pl.Trainer, run_dir: Path, plan: Plan, seconds: float) -> TrainResult:
     """Plot curves, print the final per-class validation Dice, write summary.json."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_dice")}
@@ -220,7 +240,7 @@ def _finish(trainer: pl.Trainer, run_dir: Path, plan: Plan, seconds: float) -> T
         try:
             from segment.evaluation.figures import plot_training_curves
 
-            plot_training_curves({"run": run_dir / "logs" / "metrics.csv"}, run_dir / "curves.png")
+            plot_training_curves({"run": merge_metrics(run_dir)}, run_dir / "curves.png")
         except Exception as err:  # a plotting problem must not hide a finished training run
             console.print(f"[yellow]could not plot training curves: {err}[/]")
         table = Table(title=f"Validation Dice after {trainer.global_step} steps ({seconds / 60:.1f} min)")
