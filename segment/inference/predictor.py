@@ -1,0 +1,290 @@
+"""Load a checkpoint once, segment many scans: the Python API behind `segment predict` and `segment.predict`.
+
+A scan is preprocessed exactly as in training (`segment.data.preprocess`), predicted window by window, and its
+probabilities are mapped back onto the scan's own grid, so a written label map has the scan's shape and affine.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from segment.config import Config
+from segment.data.plan import Plan
+from segment.data.preprocess import prepare_image, restore_probabilities, to_source_grid
+from segment.errors import ConfigError, GeometryError, InputError
+from segment.inference.sliding import softmax_probabilities
+from segment.io.image import Geometry, read_image, write_image, write_label
+
+NO_MODEL = "no trained model found; run `segment train` or pass --model"
+
+
+# ---- where the model comes from and where it runs ---------------------------------------------------------------
+def resolve_checkpoint(model: str | Path | None, runs: Path = Path("runs")) -> Path:
+    """A .ckpt file, a run folder (best.ckpt, else last.ckpt) or, with None, the newest run under `runs/`."""
+    if model is None:
+        found = [c for run in runs.glob("*") for c in _run_checkpoints(run)[:1]] if runs.is_dir() else []
+        if not found:
+            raise InputError(NO_MODEL)
+        return max(found, key=lambda c: c.stat().st_mtime)
+    path = Path(model)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = _run_checkpoints(path)
+        if found:
+            return found[0]
+        raise InputError(f"{path}: no checkpoints/best.ckpt or checkpoints/last.ckpt in this folder; pass a run folder or .ckpt")
+    raise InputError(f"{path}: model not found (expected a run folder or a .ckpt file)")
+
+
+def _run_checkpoints(run: Path) -> list[Path]:
+    names = ("best.ckpt", "last.ckpt")
+    return [f for folder in (run / "checkpoints", run) for n in names if (f := folder / n).is_file()]
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, Plan, Config]:
+    """Network, plan and config from a Lightning checkpoint (trusted files only: it is a pickle)."""
+    from segment.nets import build_model
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        hp = ckpt["hyper_parameters"]
+        config, plan = Config.model_validate(hp["config"]), Plan.from_dict(hp["plan"])
+    except Exception as err:  # torch/pickle raise many types for a foreign or truncated file
+        raise InputError(f"{path}: not a segment checkpoint ({type(err).__name__}: {err})") from None
+    model = build_model(config.model)
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(f"{path}: weights do not fit the network in its config ({str(err).splitlines()[0]})") from None
+    return model, plan, config
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; asking for a device that is not there is a one-line error."""
+    name = device.lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: Apple MPS is not available here; use --device cpu")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise ConfigError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+_BF16_CPU: dict[str, bool] = {}
+
+
+def autocast_dtype(model: nn.Module, plan: Plan, device: torch.device, precision: str) -> torch.dtype | None:
+    """None (fp32) or the autocast dtype: bf16 (fp16 without bf16) on CUDA; on CPU bf16 only where it measured faster."""
+    wanted = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+    if precision in wanted:
+        return wanted[precision]
+    if precision != "auto":
+        raise ConfigError(f"predict.precision {precision!r}: expected auto, 32, bf16 or 16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    key = repr(getattr(model, "cfg", type(model)))
+    if key not in _BF16_CPU:
+        _BF16_CPU[key] = _cpu_bf16_faster(model, plan)
+    return torch.bfloat16 if _BF16_CPU[key] else None
+
+
+def _cpu_bf16_faster(model: nn.Module, plan: Plan, repeats: int = 2) -> bool:
+    """Time a forward pass on a small window in fp32 and bf16 (once per process and network); bf16 must win by 10%."""
+    size = [min(int(p), 32) for p in plan.patch_size]
+    if hasattr(model, "input_size_for"):
+        size = list(model.input_size_for(size))
+    x = torch.randn(1, plan.channels, *size)
+    best = {}
+    for bf16 in (False, True):
+        best[bf16] = float("inf")
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    model(x)
+            except RuntimeError:  # an op without a bf16 CPU kernel
+                return False
+            best[bf16] = min(best[bf16], time.perf_counter() - t0)
+    return best[True] * 1.1 < best[False]
+
+
+class Predictor:
+    """A network with its plan and config, ready to segment scans of any size, orientation and spacing."""
+
+    def __init__(self, model: nn.Module, plan: Plan, config: Config, *, device: str = "auto", overlap: float | None = None,
+                 tta: bool = False, largest_component: bool = False, precision: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.plan, self.config = plan, config
+        self.overlap = config.predict.overlap if overlap is None else float(overlap)
+        if not 0 <= self.overlap < 1:
+            raise InputError(f"--overlap {self.overlap}: expected a value in [0, 1)")
+        self.tta, self.largest_component = tta, largest_component
+        self.dtype = autocast_dtype(self.model, plan, self.device, precision)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", *, overlap: float | None = None, tta: bool = False,
+                        largest_component: bool = False, precision: str = "auto") -> Predictor:
+        """Rebuild the network, plan and config stored in a checkpoint (or a run folder's best one)."""
+        model, plan, config = load_checkpoint(resolve_checkpoint(path))
+        return cls(model, plan, config, device=device, overlap=overlap, tta=tta, largest_component=largest_component,
+                   precision=precision)
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        k = int(self.config.model.out_channels)
+        return {i: self.plan.labels.get(i, f"class_{i}") for i in range(k)}
+
+    # ---- core -----------------------------------------------------------------------------------------------
+    def _check_input(self, channels: list[np.ndarray], geometry: Geometry) -> None:
+        if len(channels) != self.plan.channels:
+            raise InputError(f"{geometry.source}: {len(channels)} channel image(s) given, the model expects "
+                             f"{self.plan.channels} (nnU-Net naming: case_0000.nii.gz, case_0001.nii.gz, ...)")
+        dims = int(self.config.model.spatial_dims)
+        if dims != 3:
+            raise InputError(f"{geometry.source}: predicting with a {dims}D model is not supported; train a 3D model")
+        for c in channels:
+            if c.shape != geometry.shape:
+                raise GeometryError(f"{geometry.source}: channel of shape {c.shape} does not match the grid {geometry.shape}")
+        if len(geometry.shape) != 3 or min(geometry.shape) < 2:
+            raise InputError(f"{geometry.source}: image of shape {geometry.shape} is 2D (a single slice); "
+                             "the model is 3D and needs a volume")
+
+    def _canonical_probabilities(self, channels: list[np.ndarray], geometry: Geometry) -> torch.Tensor:
+        """(K, *canonical source grid) probabilities on the predictor's device."""
+        self._check_input(channels, geometry)
+        x = prepare_image(channels, geometry, self.plan)[None].to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        with torch.inference_mode(), autocast:
+            probs = softmax_probabilities(
+                self.model, x, self.plan.patch_size, overlap=self.overlap, sw_batch_size=self.config.predict.sw_batch_size,
+                blend=self.config.predict.blend, tta=self.tta,
+            )
+        with torch.inference_mode():
+            return restore_probabilities(probs, geometry)
+
+    def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry) -> np.ndarray:
+        """Class probabilities (K, *geometry.shape) on the scan's own grid."""
+        probs = self._canonical_probabilities([np.asarray(c) for c in channels], geometry)
+        return to_source_grid(probs.cpu().numpy(), geometry)
+
+    def predict_labels(self, channels: list[np.ndarray], geometry: Geometry,
+                       keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Label map on the scan's own grid (and, if asked, the probabilities it came from)."""
+        probs = self._canonical_probabilities([np.asarray(c) for c in channels], geometry)
+        labels = to_source_grid(probs.argmax(0).to(torch.uint8 if probs.shape[0] < 256 else torch.int32).cpu().numpy(),
+                                geometry)
+        if self.largest_component:
+            labels = keep_largest_components(labels)
+        if labels.shape != geometry.shape:
+            raise GeometryError(f"{geometry.source}: prediction has shape {labels.shape}, the scan {geometry.shape}")
+        return labels, (to_source_grid(probs.cpu().numpy(), geometry) if keep_probabilities else None)
+
+    # ---- files --------------------------------------------------------------------------------------------
+    def predict_file(self, images: list[Path] | Path, out: Path, *, overwrite: bool = False,
+                     probabilities: Path | None = None) -> dict[str, Any]:
+        """Segment one case (one file per channel) into `out`; returns timing and label volumes."""
+        paths = [Path(p) for p in (images if isinstance(images, (list, tuple)) else [images])]
+        for target in [out] + ([probabilities] if probabilities else []):
+            if Path(target).exists() and not overwrite:
+                raise InputError(f"{target}: output exists; pass --overwrite to replace it")
+        t0 = time.perf_counter()
+        channels, geometry = read_case(paths)
+        labels, probs = self.predict_labels(channels, geometry, keep_probabilities=probabilities is not None)
+        written = write_label(labels, geometry, out, overwrite=overwrite)
+        check_written(written, geometry)
+        if probabilities is not None and probs is not None:
+            check_written(write_image(np.moveaxis(probs, 0, -1), geometry, probabilities, overwrite=overwrite), geometry)
+        seconds = time.perf_counter() - t0
+        return {
+            "case": paths[0].name, "output": str(written), "seconds": seconds,
+            "voxels_per_s": float(np.prod(geometry.shape)) / max(seconds, 1e-9),
+            "volumes_ml": label_volumes(labels, geometry, self.label_names),
+        }
+
+    def predict_nifti(self, img: nib.Nifti1Image | str | Path) -> nib.Nifti1Image:
+        """A label image with exactly the input's shape and affine (sform and qform both set to it)."""
+        if isinstance(img, (str, Path)):
+            array, geometry = read_image(img)
+        else:
+            array = np.asarray(img.dataobj, dtype=np.float32)
+            while array.ndim > 3 and array.shape[-1] == 1:
+                array = array[..., 0]
+            geometry = Geometry.from_affine(img.affine, array.shape, str(img.get_data_dtype()), "<in-memory image>")
+        labels, _ = self.predict_labels([array], geometry)
+        out = nib.Nifti1Image(labels, geometry.affine)
+        out.set_sform(geometry.affine, code=1)
+        out.set_qform(geometry.affine, code=1)
+        out.header.set_xyzt_units("mm")
+        return out
+
+
+def read_case(paths: list[Path]) -> tuple[list[np.ndarray], Geometry]:
+    """All channel files of one case; they must share one voxel grid."""
+    arrays, geometries = zip(*(read_image(p) for p in paths))
+    for path, g in zip(paths[1:], geometries[1:]):
+        if not geometries[0].same_grid(g):
+            raise GeometryError(f"{path}: channel grid differs from {paths[0]} ({geometries[0].difference(g)})")
+    return list(arrays), geometries[0]
+
+
+def check_written(path: Path, geometry: Geometry) -> None:
+    """Re-read the written header: a file that does not sit on its scan's grid is removed, never left behind."""
+    header = nib.load(str(path))  # header only; a probability map is 4D, so not read_geometry
+    written = Geometry.from_affine(header.affine, tuple(header.shape[:3]), source=str(path))
+    if not written.same_grid(geometry, atol=1e-4):
+        path.unlink(missing_ok=True)
+        raise GeometryError(f"{path}: written grid differs from {geometry.source} ({written.difference(geometry)}); removed")
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Per class, keep only the largest 26-connected component; the rest becomes background (scipy, no skimage needed)."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    for c in np.unique(labels):
+        if c == 0:
+            continue
+        components, n = ndimage.label(labels == c, structure=structure)
+        if n > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            out[(components > 0) & (components != int(sizes.argmax()))] = 0
+    return out
+
+
+def label_volumes(labels: np.ndarray, geometry: Geometry, names: dict[int, str]) -> dict[str, float]:
+    """Volume in millilitres of every foreground class."""
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(names))
+    return {names.get(i, f"class_{i}"): float(counts[i]) * voxel_ml for i in range(1, len(counts))}
+
+
+_CACHE: dict[tuple[str, str, bool], Predictor] = {}
+
+
+def predict(path_or_nifti: nib.Nifti1Image | str | Path, model: str | Path | None = None, *, device: str = "auto",
+            tta: bool = False) -> nib.Nifti1Image:
+    """Segment a scan (path or in-memory NIfTI) with a trained model; the network is loaded once per process."""
+    ckpt = resolve_checkpoint(model)
+    key = (str(ckpt.resolve()), device, tta)
+    if key not in _CACHE:
+        _CACHE.clear()  # one model in memory at a time
+        _CACHE[key] = Predictor.from_checkpoint(ckpt, device, tta=tta)
+    return _CACHE[key].predict_nifti(path_or_nifti)
