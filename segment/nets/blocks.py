@@ -42,7 +42,7 @@ def make_norm(kind: str, dims: int, channels: int) -> nn.Module:
 
 
 def make_act(kind: str) -> nn.Module:
-    """LeakyReLU(0.01) or ReLU, in place-safe (not in-place, so residual sums stay correct)."""
+    """LeakyReLU(0.01) or ReLU; never in-place, because residual blocks reuse their input after the branch."""
     return Act[Act.LEAKYRELU](negative_slope=NEG_SLOPE) if kind == "leakyrelu" else Act[Act.RELU]()
 
 

@@ -84,7 +84,7 @@ class Decoder(nn.Module):
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         """Decoder maps at levels 0..depth-2 (highest resolution first)."""
-        x, outs = feats[-1], [None] * len(self.stages)
+        x, outs = feats[-1], []
         for s in reversed(range(len(self.stages))):
             x, skip = self.ups[s](x), feats[s]
             if self.padding == "same":  # odd sizes: the upsampled map is one voxel larger; crop it back
@@ -92,8 +92,8 @@ class Decoder(nn.Module):
             if s in self.kept:
                 x = torch.cat([center_crop(skip, x.shape[2:]), x], dim=1)
             x = self.stages[s](x)
-            outs[s] = x
-        return outs  # type: ignore[return-value]
+            outs.insert(0, x)  # levels are visited deepest first
+        return outs
 
 
 class UNet(nn.Module):
@@ -101,6 +101,7 @@ class UNet(nn.Module):
 
     One 1x1 head per decoder level is always built (level 0 = the main output), so checkpoint keys never depend on
     `cfg.deep_supervision`; whether the auxiliary outputs enter the loss is the trainer's business.
+    `residual=False` (not a config field) builds the same network without shortcuts, for the gradient-flow test.
     """
 
     def __init__(self, cfg: ModelConfig, *, residual: bool = True) -> None:
