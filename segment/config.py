@@ -80,7 +80,10 @@ class ModelConfig(_Strict):
     spatial_dims: Literal[2, 3] = Field(3, description="2D or 3D convolutions")
     in_channels: int = Field(1, ge=1, description="image channels (modalities)")
     out_channels: int = Field(2, ge=2, description="classes including background (set from the dataset)")
-    features: list[int] = Field([32, 64, 128, 256], min_length=2, description="channels per encoder stage; depth = len")
+    features: list[int] = Field(
+        [16, 32, 64, 128], min_length=2,
+        description="channels per encoder stage; depth = len; the planner keeps the base width and sets the depth",
+    )
     blocks_per_stage: Union[int, list[int]] = Field(1, description="residual blocks per encoder stage")
     decoder_blocks: int = Field(1, ge=1, description="conv blocks per decoder stage")
     padding: Literal["same", "valid"] = Field("same", description="'valid' = original U-Net, output smaller than input")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import CacheDataset, Dataset as MonaiDataset
+from monai.data import CacheDataset, Dataset as MonaiDataset, set_track_meta
 from torch.utils.data import DataLoader, RandomSampler
 
 from segment.config import AugmentConfig, Config
@@ -84,9 +84,11 @@ def train_transforms(plan: Plan, cfg: Config) -> mt.Compose:
     return mt.Compose([
         LoadCased(plan),
         mt.SpatialPadd(["image", "label"], spatial_size=patch),
+        # foreground/background voxel indices are computed once and cached, not at every crop
+        mt.FgBgToIndicesd("label", fg_postfix="_fg", bg_postfix="_bg"),
         mt.RandCropByPosNegLabeld(
             ["image", "label"], label_key="label", spatial_size=patch, pos=fg, neg=1 - fg, num_samples=1,
-            allow_smaller=False,
+            fg_indices_key="label_fg", bg_indices_key="label_bg", allow_smaller=False,
         ),
         *augmentations(cfg.data.augment, len(patch)),
         mt.EnsureTyped(["image", "label"], track_meta=False),
@@ -111,6 +113,8 @@ def _first_sample(batch: list) -> list:
 
 def make_loaders(dataset: Dataset, split: dict[str, list[str]], plan: Plan, cfg: Config) -> tuple[DataLoader, DataLoader]:
     """Training loader (steps_per_epoch batches drawn with replacement) and whole-volume validation loader."""
+    # Plain tensors: MetaTensor bookkeeping costs more than the augmentations themselves on small patches.
+    set_track_meta(False)
     by_name = {c.name: c for c in dataset.cases}
     train_cases = [by_name[n] for n in split["train"] if n in by_name]
     val_cases = [by_name[n] for n in split["val"] if n in by_name]
