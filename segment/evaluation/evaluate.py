@@ -1,0 +1,149 @@
+"""`segment evaluate`: predict labelled cases in their own geometry and score them in millimetres.
+
+Each scan is predicted on its own voxel grid (exactly what `segment predict` would write) and compared with its label
+there, with the scan's spacing, so the numbers describe what a user actually gets, not a resampled proxy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segment.errors import ConfigError, InputError
+from segment.io.dataset import Case, Dataset
+
+if TYPE_CHECKING:
+    from segment.config import EvaluateConfig
+    from segment.inference.predictor import Predictor
+    from segment.io.image import Geometry
+
+SPLITS = ("val", "all")
+CaseHook = Callable[[str, list[np.ndarray], "Geometry", np.ndarray, np.ndarray], None]
+
+
+def resolve_model(model: Path) -> tuple[Path, Path | None]:
+    """`(checkpoint, run folder or None)` for a run folder (best.ckpt, else last.ckpt) or a .ckpt file."""
+    from segment.inference.predictor import resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(Path(model))
+    except InputError as err:
+        raise InputError(f"--model {err}") from None
+    if Path(model).is_dir():
+        return ckpt, Path(model)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return ckpt, run_dir if (run_dir / "split.json").is_file() else None
+
+
+def choose_cases(dataset: Dataset, split: str, run_dir: Path | None, model: Path) -> list[Case]:
+    """The cases to score: the run's validation cases (`val`) or every labelled case (`all`)."""
+    if split not in SPLITS:
+        raise InputError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    cases = [c for c in dataset.cases if c.label is not None]
+    if split == "all":
+        return cases
+    if run_dir is None or not (run_dir / "split.json").is_file():
+        raise InputError(f"--model {model}: no run folder with split.json, so the validation cases are unknown; "
+                         "use --split all to score every case in --data")
+    names = set(json.loads((run_dir / "split.json").read_text())["val"])
+    chosen = [c for c in cases if c.name in names]
+    if not chosen:
+        raise InputError(f"{dataset.root}: none of the {len(names)} validation cases of {run_dir} are in this dataset; "
+                         "use --split all to score every case in --data")
+    return chosen
+
+
+def read_case_arrays(case: Case) -> tuple[list[np.ndarray], Geometry, np.ndarray]:
+    """Channel images, their geometry, and the label checked to lie on the same grid."""
+    from segment.io.image import read_image, read_label
+
+    arrays, geometries = zip(*(read_image(p) for p in case.images))
+    if case.label is None:
+        raise InputError(f"case {case.name}: no label to evaluate against")
+    return list(arrays), geometries[0], read_label(case.label, reference=geometries[0])
+
+
+def predict_labels(predictor: Predictor, channels: list[np.ndarray], geometry: Geometry) -> np.ndarray:
+    """Label map on the scan's own grid (argmax of the predictor's probabilities)."""
+    if hasattr(predictor, "predict_labels"):
+        return np.asarray(predictor.predict_labels(channels, geometry)[0])
+    return np.asarray(predictor.predict_probabilities(channels, geometry)).argmax(0).astype(np.uint8)
+
+
+def class_names(predictor: Predictor) -> dict[int, str]:
+    """Class index -> name from the checkpoint's plan (background included; metrics skip it)."""
+    k = int(predictor.config.model.out_channels)
+    labels = {int(i): str(n) for i, n in predictor.plan.labels.items()}
+    return {i: labels.get(i, f"class_{i}") for i in range(k)}
+
+
+def _metric_inputs(predictor: Predictor, cases: Iterable[Case],
+                   on_case: CaseHook | None) -> Iterator[tuple[str, np.ndarray, np.ndarray, Sequence[float]]]:
+    for case in cases:
+        channels, geometry, ref = read_case_arrays(case)
+        pred = predict_labels(predictor, channels, geometry)
+        if on_case is not None:
+            on_case(case.name, channels, geometry, pred, ref)
+        yield case.name, pred, ref, geometry.spacing
+
+
+def score_cases(predictor: Predictor, cases: Sequence[Case], eval_cfg: EvaluateConfig,
+                on_case: CaseHook | None = None) -> list[dict[str, Any]]:
+    """Predict and score each case in its own geometry; `on_case` sees every prediction (e.g. for figures)."""
+    from segment.evaluation.metrics import evaluate_cases
+
+    return evaluate_cases(_metric_inputs(predictor, cases, on_case), class_names(predictor), eval_cfg)
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or `stem-2.csv`, `stem-3.csv`, ... when it exists: results are never silently overwritten."""
+    path = Path(path)
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def _eval_config(predictor: Predictor, tolerance: float | None) -> EvaluateConfig:
+    from segment.config import EvaluateConfig
+
+    cfg = predictor.config.evaluate
+    if tolerance is None:
+        return cfg
+    if not tolerance > 0:
+        raise ConfigError(f"--tolerance {tolerance}: the NSD tolerance must be a positive distance in mm")
+    return EvaluateConfig.model_validate({**cfg.model_dump(), "nsd_tolerance_mm": float(tolerance)})
+
+
+def run_evaluate(model: Path, data: Path, output: Path | None = None, split: str = "val",
+                 tolerance: float | None = None, device: str = "auto") -> list[dict[str, Any]]:
+    """Score a trained model on labelled data; write one CSV row per case and class and print a summary."""
+    from rich.console import Console
+
+    from segment.evaluation.metrics import summary_table, write_csv
+    from segment.inference.predictor import Predictor
+    from segment.io.dataset import discover
+
+    if split not in SPLITS:
+        raise InputError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    ckpt, run_dir = resolve_model(model)
+    dataset = discover(data)
+    cases = choose_cases(dataset, split, run_dir, model)
+    predictor = Predictor.from_checkpoint(ckpt, device=device)
+    eval_cfg = _eval_config(predictor, tolerance)
+    rows = score_cases(predictor, cases, eval_cfg)
+    wanted = Path(output) if output is not None else (run_dir or ckpt.parent) / f"evaluation-{split}.csv"
+    path = write_csv(rows, free_path(wanted))
+    console = Console()
+    if path != wanted:
+        console.print(f"[yellow]{wanted} exists; not overwriting it[/]")
+    console.print(summary_table(rows, title=f"{len(cases)} {split} case(s), NSD tolerance "
+                                            f"{eval_cfg.nsd_tolerance_mm:g} mm (mean ± std)"))
+    console.print(f"per-case metrics: {path}")
+    return rows
