@@ -145,7 +145,7 @@ class UNet(nn.Module):
             raise GeometryError(f"input size {tuple(sizes)}: expected {self.cfg.spatial_dims} spatial dims")
         for axis, n in enumerate(sizes):
             if not self._allowed(n):
-                raise GeometryError(f"input size {tuple(sizes)}: axis {axis} = {n} is not allowed; {self._rule()}")
+                raise GeometryError(f"input size {tuple(sizes)}: axis {axis} = {n} is not allowed; {self._rule(n)}")
         bottleneck = [_trace_axis(self.cfg, n)[0][-1] for n in sizes]
         if math.prod(bottleneck) < 2:
             raise GeometryError(f"input size {tuple(sizes)} leaves a single voxel at the deepest stage, which "
@@ -165,11 +165,13 @@ class UNet(nn.Module):
             return False
         return self.cfg.padding == "same" or (n - self._min_size) % self.size_multiple() == 0
 
-    def _rule(self) -> str:
+    def _rule(self, n: int) -> str:
         lo, step = self._min_size, self.size_multiple()
         if self.cfg.padding == "same":
             return f"padding 'same' needs at least {lo} voxels per axis"
-        return (f"padding 'valid' allows {lo} + k*{step} voxels per axis (e.g. {lo}, {lo + step}, {lo + 2 * step}), "
+        below = lo + step * max(0, (n - lo) // step)
+        near = f"{below} or {below + step}" if below < n else f"{lo}"
+        return (f"padding 'valid' allows {lo} + k*{step} voxels per axis (nearest: {near}), "
                 f"giving an output {self.output_margin()} voxels smaller")
 
 
