@@ -1,0 +1,126 @@
+"""`segment predict` end to end: checkpoints, real headers, batches with a broken file, refusing to overwrite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from segment.cli import app
+from segment.config import Config, ModelConfig
+from segment.data.plan import Plan
+from segment.errors import InputError
+from segment.inference.batch import expand_inputs
+from segment.inference.predictor import Predictor, resolve_checkpoint
+from segment.nets import build_model
+
+runner = CliRunner()
+
+
+def make_checkpoint(path: Path, *, modality: str = "mri", spacing: list[float] | None = None, classes: int = 3) -> Path:
+    """A Lightning-format checkpoint of a tiny random-weight U-Net; no training needed."""
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(features=[4, 8], out_channels=classes))
+    labels = {i: f"organ{i}" if i else "background" for i in range(classes)}
+    plan = Plan(spacing=spacing or [1.0, 1.0, 1.0], patch_size=[32, 32, 16], batch_size=2, features=[4, 8],
+                modality=modality, channels=1, labels=labels, ct_clip=[-200.0, 300.0], ct_mean=40.0, ct_std=80.0)
+    state = {f"model.{k}": v for k, v in build_model(cfg.model).state_dict().items()}
+    state["loss_fn.dummy"] = torch.zeros(1)  # extra module keys must be ignored
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hyper_parameters": {"config": cfg.model_dump(mode="json"), "plan": plan.to_dict(), "max_time_s": None},
+                "state_dict": state}, path)
+    return path
+
+
+def _scan(path: Path, shape: tuple[int, int, int] = (20, 18, 12), seed: int = 0) -> Path:
+    affine = np.array([[-0.9, 0, 0, 10], [0, 0, 1.2, -5], [0, -1.1, 0, 3], [0, 0, 0, 1]])
+    data = np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+@pytest.mark.parametrize("name, modality", [("ct_example", "ct"), ("mr_example", "mri")])
+def test_real_scans_keep_their_header(real_ct_mr: Path, tmp_path: Path, name: str, modality: str) -> None:
+    ckpt = make_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt", modality=modality, spacing=[6.0, 6.0, 6.0])
+    predictor = Predictor.from_checkpoint(tmp_path / "run", "cpu", precision="32")
+    assert resolve_checkpoint(tmp_path / "run") == ckpt
+    source = real_ct_mr / "images" / f"{name}.nii.gz"
+    result = predictor.predict_file(source, tmp_path / f"{name}_seg.nii.gz")
+    src, out = nib.load(source), nib.load(result["output"])
+    assert out.shape == src.shape
+    np.testing.assert_allclose(out.affine, src.affine, atol=1e-4)
+    np.testing.assert_allclose(out.get_sform(), src.get_sform(), atol=1e-4)
+    np.testing.assert_allclose(out.get_qform(), src.affine, atol=1e-4)
+    assert out.header["sform_code"] > 0 and out.header["qform_code"] > 0
+    assert set(result["volumes_ml"]) == {"organ1", "organ2"} and result["voxels_per_s"] > 0
+
+
+def test_batch_with_a_broken_file(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "model.ckpt")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _scan(scans / "a.nii.gz", seed=1)
+    _scan(scans / "b.nii.gz", (17, 21, 10), seed=2)
+    (scans / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
+    result = runner.invoke(app, ["predict", str(scans), "--model", str(ckpt), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    for name in ("a", "b"):
+        src, out = nib.load(scans / f"{name}.nii.gz"), nib.load(scans / f"{name}_seg.nii.gz")
+        assert out.shape == src.shape and np.allclose(out.affine, src.affine)
+    assert not (scans / "broken_seg.nii.gz").exists()
+    assert "broken.nii.gz" in result.output and "2 of 3 case(s) segmented" in result.output
+
+    again = runner.invoke(app, ["predict", str(scans / "a.nii.gz"), "--model", str(ckpt), "--device", "cpu"])
+    assert again.exit_code == 1 and "exists" in again.output and "--overwrite" in again.output
+    forced = runner.invoke(app, ["predict", str(scans / "a.nii.gz"), str(scans / "b.nii.gz"), "-m", str(ckpt),
+                                 "--device", "cpu", "--overwrite", "-o", str(tmp_path / "out"), "--save-probabilities"])
+    assert forced.exit_code == 0, forced.output
+    assert nib.load(tmp_path / "out" / "b_probabilities.nii.gz").shape == (17, 21, 10, 3)
+
+
+def test_single_output_file_and_bad_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = make_checkpoint(tmp_path / "model.ckpt")
+    scan = _scan(tmp_path / "scan.nii.gz")
+    out = tmp_path / "labels.nii.gz"
+    ok = runner.invoke(app, ["predict", str(scan), "-m", str(ckpt), "--device", "cpu", "-o", str(out), "--tta"])
+    assert ok.exit_code == 0, ok.output
+    assert nib.load(out).shape == (20, 18, 12)
+    two = runner.invoke(app, ["predict", str(scan), str(scan.with_name("x.nii.gz")), "-m", str(ckpt), "-o", str(out)])
+    assert two.exit_code == 1 and "x.nii.gz" in two.output
+    monkeypatch.chdir(tmp_path)  # no runs/ folder here
+    none = runner.invoke(app, ["predict", str(scan)])
+    assert none.exit_code == 2 and "no trained model found" in none.output
+    if not torch.cuda.is_available():
+        cuda = runner.invoke(app, ["predict", str(scan), "-m", str(ckpt), "--device", "cuda"])
+        assert cuda.exit_code == 2 and "CUDA is not available" in cuda.output
+
+
+def test_newest_run_is_the_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    old = make_checkpoint(tmp_path / "runs" / "old" / "checkpoints" / "best.ckpt")
+    new = make_checkpoint(tmp_path / "runs" / "new" / "checkpoints" / "last.ckpt")
+    os.utime(old, (1e9, 1e9))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint(None).resolve() == new.resolve()
+    with pytest.raises(InputError, match="model not found"):
+        resolve_checkpoint(tmp_path / "missing")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(InputError, match="not a segment checkpoint"):
+        Predictor.from_checkpoint(bad, "cpu")
+
+
+def test_expand_groups_channels_and_skips_outputs(tmp_path: Path) -> None:
+    for name in ("p1_0000", "p1_0001", "p2_0000", "p2_0001"):
+        (tmp_path / f"{name}.nii.gz").touch()
+    (tmp_path / "p1_seg.nii.gz").touch()
+    (tmp_path / "notes.txt").touch()
+    cases, problems = expand_inputs([str(tmp_path), str(tmp_path / "nothing*.nii.gz")])
+    assert {c.name: [p.name for p in c.images] for c in cases} == {
+        "p1": ["p1_0000.nii.gz", "p1_0001.nii.gz"], "p2": ["p2_0000.nii.gz", "p2_0001.nii.gz"]}
+    assert list(problems) == [str(tmp_path / "nothing*.nii.gz")]
