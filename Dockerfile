@@ -48,6 +48,10 @@ RUN groupadd --gid "${SEGMENT_GID}" segment \
  && chmod -R g+rwX /data /models /outputs
 
 # /data: scans and labels (read-only is fine); /models: trained runs/checkpoints; /outputs: new runs and predictions.
+# The shipped configs (default.yaml, gpu.yaml): `--config /opt/segment/configs/gpu.yaml`.
+COPY configs /opt/segment/configs
+ENV SEGMENT_CONFIG_DIR=/opt/segment/configs
+
 VOLUME ["/data", "/models", "/outputs"]
 # Relative paths such as the default `runs/NAME` land in the mounted /outputs.
 WORKDIR /outputs

@@ -69,18 +69,27 @@ def train(
     num_nodes: Annotated[Optional[int], typer.Option(help="machines for multi-node training (train.num_nodes)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, 32, bf16-mixed, 16-mixed (train.precision)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --output from its last checkpoint")] = False,
+    split: Annotated[Optional[Path], typer.Option(help="reuse a split.json (train/val case names) from another run")] = None,
 ) -> None:
     """Train a U-Net. With no arguments, trains on the embedded demo dataset (generated on first use)."""
-    cfg = _config(config, set_, {
+    flags = {
         "data.root": data, "train.max_epochs": max_epochs, "train.max_time": max_time, "data.fold": fold,
         "model.skip_connections": skips, "train.accelerator": accelerator, "train.devices": devices,
         "train.strategy": strategy, "train.num_nodes": num_nodes, "train.precision": precision,
-    })
+    }
+    cfg = _config(config, set_, flags)
+    if data is None and config is None and cfg.data.root is None and not resume:
+        from segment.config import CONFIG_DIR
+
+        if (CONFIG_DIR / "demo.yaml").is_file():  # the embedded default: demo data with a demo-sized budget
+            cfg = _config(CONFIG_DIR / "demo.yaml", set_, flags)
     if resume and output is None:
         raise SegmentError("--resume needs --output RUN_FOLDER (the run to continue)")
     from segment.train.runner import train as run_train
 
-    run_train(cfg, output=output, resume=resume)
+    from segment.data.pipeline import read_split
+
+    run_train(cfg, output=output, resume=resume, split=read_split(split) if split else None)
 
 
 @app.command()

@@ -6,6 +6,7 @@ the same validation, so a typo never silently does nothing.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -185,7 +186,8 @@ class Config(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The repository's configs/ (source checkout, editable install) or where a container put them.
+CONFIG_DIR = Path(os.environ.get("SEGMENT_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from segment.config import AugmentConfig, Config
 from segment.data.plan import Plan
 from segment.data.preprocess import load_case
+from segment.errors import InputError
 from segment.io.dataset import Case, Dataset
 
 
@@ -32,6 +33,30 @@ def make_split(names: Sequence[str], seed: int, val_fraction: float, folds: int,
         val = shuffled[fold::folds]
     val_set = set(val)
     return {"train": sorted(n for n in order if n not in val_set), "val": sorted(val)}
+
+
+def read_split(path: Path) -> dict[str, list[str]]:
+    """A split file written by an earlier run: {"train": [names], "val": [names]}."""
+    try:
+        split = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not a readable split file ({err})") from None
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "val")):
+        raise InputError(f"{path}: expected a JSON object with 'train' and 'val' lists of case names")
+    return {"train": [str(n) for n in split["train"]], "val": [str(n) for n in split["val"]]}
+
+
+def check_split(split: dict[str, list[str]], dataset: Dataset, source: str = "split") -> None:
+    """Every named case must exist, and no case may be in both halves."""
+    names = {c.name for c in dataset.cases}
+    missing = [n for n in split["train"] + split["val"] if n not in names]
+    if missing:
+        raise InputError(f"{source}: {len(missing)} case(s) not in {dataset.root}, e.g. {missing[0]!r}")
+    both = set(split["train"]) & set(split["val"])
+    if both:
+        raise InputError(f"{source}: case {sorted(both)[0]!r} is in both train and val")
+    if not split["train"] or not split["val"]:
+        raise InputError(f"{source}: needs at least one training and one validation case")
 
 
 def load_or_make_split(run_dir: Path, dataset: Dataset, cfg: Config) -> dict[str, list[str]]:

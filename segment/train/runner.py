@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segment.config import Config, dump_config, validate
-from segment.data.pipeline import load_or_make_split, make_loaders, make_split
+from segment.data.pipeline import check_split, load_or_make_split, make_loaders, make_split
 from segment.data.plan import Plan, make_plan
 from segment.errors import ConfigError, InputError
 from segment.io.dataset import Dataset, discover
@@ -162,8 +162,12 @@ def _trainer(cfg: Config, run_dir: Path, precision: str, accelerator: str, max_t
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice_mean", mode="max", save_last=True,
     )
+    strategy = t.strategy
+    if strategy in ("ddp", "ddp_spawn") and not cfg.model.deep_supervision:
+        # the auxiliary heads are always built (stable checkpoint keys) but get no gradient without deep supervision
+        strategy = f"{strategy}_find_unused_parameters_true"
     return pl.Trainer(
-        accelerator=accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=precision,
+        accelerator=accelerator, devices=t.devices, strategy=strategy, num_nodes=t.num_nodes, precision=precision,
         max_epochs=t.max_epochs, max_time=None if max_time_s is None else timedelta(seconds=max_time_s),
         check_val_every_n_epoch=t.val_every, logger=loggers, callbacks=[ckpt, RichProgressBar()],
         default_root_dir=run_dir, log_every_n_steps=min(50, t.steps_per_epoch), num_sanity_val_steps=0,
@@ -186,8 +190,10 @@ def train(
     name = (Path(cfg.data.root).name if cfg.data.root else "demo") + time.strftime("-%Y%m%d-%H%M%S")
     run_dir = prepare_run_dir(Path(output) if output else Path("runs") / name, resume)
     cfg, plan, dataset = _setup_run(cfg, run_dir, resume, accelerator, plan)
-    if split is not None and _rank_zero() and not resume:
-        (run_dir / "split.json").write_text(json.dumps(split, indent=1))
+    if split is not None and not resume:
+        check_split(split, dataset)
+        if _rank_zero():
+            (run_dir / "split.json").write_text(json.dumps(split, indent=1))
     precision = choose_precision(cfg, plan, accelerator)
     console.print(plan_table(plan, precision, accelerator))
     split = load_or_make_split(run_dir, dataset, cfg) if _rank_zero() else make_split(
