@@ -143,9 +143,8 @@ def _checkpoint(result: Any, name: str) -> Path:
 
 def _evaluate_all(ckpts: dict[str, Path], cases: list[Any], cfg: Config) -> tuple[dict[str, list], dict[str, dict]]:
     """Rows and pooled boundary-error profiles per variant, all on the same validation cases."""
-    from segment.evaluation.evaluate import score_cases
+    from segment.evaluation.evaluate import load_predictor, score_cases
     from segment.evaluation.figures import boundary_error_profile, pool_profiles
-    from segment.inference.predictor import Predictor
 
     variants, profiles = {}, {}
     for name, ckpt in ckpts.items():
@@ -154,7 +153,7 @@ def _evaluate_all(ckpts: dict[str, Path], cases: list[Any], cfg: Config) -> tupl
         def hook(case: str, channels: Any, geometry: Any, pred: np.ndarray, ref: np.ndarray) -> None:
             found.append(boundary_error_profile(pred, ref, geometry.spacing))
 
-        predictor = Predictor.from_checkpoint(ckpt, device="auto")
+        predictor = load_predictor(ckpt)
         variants[name] = score_cases(predictor, cases, cfg.evaluate, on_case=hook)
         profiles[name] = pool_profiles(found)
     return variants, profiles
@@ -182,10 +181,13 @@ def _grad_norms(run_dirs: dict[str, Path], plan: Any, cases: list[Any], seed: in
 
 
 def pick_cases(variants: dict[str, list[dict[str, Any]]], n: int = 3) -> list[tuple[str, float]]:
-    """Cases worth looking at: largest Dice gap for the reference, the median gap, largest gap the other way."""
+    """Cases worth looking at: largest Dice gap for the reference, the median gap, largest gap the other way.
+
+    The gap is the first variant (most skips) minus the last one (fewest skips): the contrast the ablation is about.
+    """
     from segment.evaluation.stats import per_case_values
 
-    (_, rows_a), (_, rows_b) = list(variants.items())[:2]
+    rows_a, rows_b = list(variants.values())[0], list(variants.values())[-1]
     va, vb = per_case_values(rows_a, "dice"), per_case_values(rows_b, "dice")
     gap = {c: va[c] - vb[c] for c in sorted(set(va) & set(vb))}
     order = sorted(gap, key=lambda c: gap[c])
@@ -195,15 +197,14 @@ def pick_cases(variants: dict[str, list[dict[str, Any]]], n: int = 3) -> list[tu
 
 def _figures(out: Path, ckpts: dict[str, Path], variants: dict[str, list], profiles: dict[str, dict],
              run_dirs: dict[str, Path], norms: dict[str, list[float]], cases: list[Any]) -> dict[str, Path]:
-    from segment.evaluation.evaluate import predict_labels, read_case_arrays
+    from segment.evaluation.evaluate import load_predictor, predict_labels, read_case_arrays
     from segment.evaluation.figures import (plot_boundary_error, plot_contours, plot_gradient_norms,
                                             plot_training_curves)
-    from segment.inference.predictor import Predictor
 
     fig_dir, figures = out / "figures", {}
-    predictors = {name: Predictor.from_checkpoint(ckpt, device="auto") for name, ckpt in ckpts.items()}
+    predictors = {name: load_predictor(ckpt) for name, ckpt in ckpts.items()}
     by_name = {c.name: c for c in cases}
-    ref_name, other = list(variants)[:2]
+    ref_name, other = list(variants)[0], list(variants)[-1]
     for i, (case, gap) in enumerate(pick_cases(variants)):
         channels, geometry, ref = read_case_arrays(by_name[case])
         preds = {name: predict_labels(p, channels, geometry) for name, p in predictors.items()}
@@ -229,8 +230,8 @@ def _machine() -> str:
 def _meta(cfg: Config, dataset: Any, split: dict, budget: str, plan: Any, results: dict[str, Any]) -> dict[str, Any]:
     return {
         "data": str(dataset.root), "cases": len(dataset.cases), "train cases": len(split["train"]),
-        "validation cases": len(split["val"]), "budget per variant": budget, "max epochs": cfg.train.max_epochs,
-        "steps per epoch": cfg.train.steps_per_epoch,
+        "validation cases": len(split["val"]), "budget per variant": f"{budget} or {cfg.train.max_epochs} epochs of {cfg.train.steps_per_epoch} steps, "
+                              "whichever ends first",
         "steps": {n: r.steps for n, r in results.items()},
         "minutes": {n: round(r.seconds / 60, 1) for n, r in results.items()}, "seed": cfg.seed,
         "precision": cfg.train.precision,

@@ -74,6 +74,14 @@ def predict_labels(predictor: Predictor, channels: list[np.ndarray], geometry: G
     return np.asarray(predictor.predict_probabilities(channels, geometry)).argmax(0).astype(np.uint8)
 
 
+def load_predictor(ckpt: Path, device: str = "auto") -> Predictor:
+    """A Predictor with the checkpoint's own predict settings (overlap, precision, blending) from its config."""
+    from segment.inference.predictor import Predictor, load_checkpoint
+
+    model, plan, config = load_checkpoint(ckpt)
+    return Predictor(model, plan, config, device=device, precision=config.predict.precision)
+
+
 def class_names(predictor: Predictor) -> dict[int, str]:
     """Class index -> name from the checkpoint's plan (background included; metrics skip it)."""
     k = int(predictor.config.model.out_channels)
@@ -116,8 +124,6 @@ def _eval_config(predictor: Predictor, tolerance: float | None) -> EvaluateConfi
     cfg = predictor.config.evaluate
     if tolerance is None:
         return cfg
-    if not tolerance > 0:
-        raise ConfigError(f"--tolerance {tolerance}: the NSD tolerance must be a positive distance in mm")
     return EvaluateConfig.model_validate({**cfg.model_dump(), "nsd_tolerance_mm": float(tolerance)})
 
 
@@ -127,15 +133,16 @@ def run_evaluate(model: Path, data: Path, output: Path | None = None, split: str
     from rich.console import Console
 
     from segment.evaluation.metrics import summary_table, write_csv
-    from segment.inference.predictor import Predictor
     from segment.io.dataset import discover
 
     if split not in SPLITS:
         raise InputError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    if tolerance is not None and not tolerance > 0:
+        raise ConfigError(f"--tolerance {tolerance}: the NSD tolerance must be a positive distance in mm")
     ckpt, run_dir = resolve_model(model)
     dataset = discover(data)
     cases = choose_cases(dataset, split, run_dir, model)
-    predictor = Predictor.from_checkpoint(ckpt, device=device)
+    predictor = load_predictor(ckpt, device)
     eval_cfg = _eval_config(predictor, tolerance)
     rows = score_cases(predictor, cases, eval_cfg)
     wanted = Path(output) if output is not None else (run_dir or ckpt.parent) / f"evaluation-{split}.csv"
