@@ -167,3 +167,18 @@ def test_variants_differ_only_in_skips_and_share_split_and_plan(ablation: tuple[
     assert (runs["skips-all"] / "split.json").read_text() == (runs["skips-none"] / "split.json").read_text()
     meta = json.loads((out / "report.json").read_text())["meta"]
     assert set(meta["steps"]) == set(runs) and all(v == 2 for v in meta["steps"].values())
+
+
+def test_rerun_reuses_finished_runs_and_refuses_a_different_split(ablation: tuple[Path, Path]) -> None:
+    from segment.errors import InputError
+
+    out, _ = ablation
+    ckpt = out / "runs" / "skips-all" / "checkpoints" / "last.ckpt"
+    stamp = ckpt.stat().st_mtime_ns
+    data = json.loads((out / "report.json").read_text())["meta"]["data"]
+    cfg = load_config(None, TINY + [f"data.root={data}"])
+    assert run_ablation(cfg, output=out, budget=None, variants="all,none") == out / "report.md"
+    assert ckpt.stat().st_mtime_ns == stamp  # nothing retrained
+    other = load_config(None, TINY + [f"data.root={data}", "data.val_fraction=0.6"])
+    with pytest.raises(InputError, match="different split"):
+        run_ablation(other, output=out, budget=None, variants="all,none")

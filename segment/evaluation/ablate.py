@@ -129,6 +129,9 @@ def _train_all(cfgs: dict[str, Config], out: Path, plan: Any, split: dict[str, l
         if results[name] is not None:
             console.print(f"[bold]{name}:[/] reusing the finished run in {run_dir}")
             continue
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise InputError(f"{run_dir}: holds an unfinished run of {name}, or one on a different split; "
+                             "delete that folder or choose another --output")
         console.rule(f"training {name} (model.skip_connections={vcfg.model.skip_connections})")
         results[name] = train(vcfg, output=run_dir, plan=plan, split=split)
     return results

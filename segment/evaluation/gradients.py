@@ -39,7 +39,8 @@ def _loss_fn(model_or_module: nn.Module) -> nn.Module:
 def encoder_grad_norms(model_or_module: nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
     """L2 norm of the loss gradient over each encoder stage's parameters (index 0 = highest resolution).
 
-    `batch` holds "image" (B, C, *patch) and "label" (B, 1, *patch). The model's own gradients are cleared before
+    `batch` holds "image" (B, C, *patch) and "label" (B, 1, *patch). The loss is the training loss of the main output
+    (deep-supervision heads left out, so variants compare like with like). The model's gradients are cleared before
     and after, and its train/eval mode is restored, so measuring does not disturb a later training run.
     """
     from segment.nets import center_crop
