@@ -124,3 +124,20 @@ def test_expand_groups_channels_and_skips_outputs(tmp_path: Path) -> None:
     assert {c.name: [p.name for p in c.images] for c in cases} == {
         "p1": ["p1_0000.nii.gz", "p1_0001.nii.gz"], "p2": ["p2_0000.nii.gz", "p2_0001.nii.gz"]}
     assert list(problems) == [str(tmp_path / "nothing*.nii.gz")]
+
+
+def test_python_api_and_unwritable_output(tmp_path: Path) -> None:
+    import segment
+
+    ckpt = make_checkpoint(tmp_path / "model.ckpt")
+    scan = _scan(tmp_path / "scan.nii.gz")
+    out = segment.predict(nib.load(scan), model=ckpt, device="cpu")
+    assert out.shape == (20, 18, 12) and np.allclose(out.affine, nib.load(scan).affine)
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2}
+    same = segment.predict(scan, model=ckpt, device="cpu")  # a path works too, with the cached model
+    np.testing.assert_array_equal(np.asarray(same.dataobj), np.asarray(out.dataobj))
+    (tmp_path / "file").write_text("not a folder")
+    result = runner.invoke(app, ["predict", str(scan), "-m", str(ckpt), "-o", str(tmp_path / "file" / "x.nii.gz")])
+    assert result.exit_code == 1 and "not a writable folder" in result.output
+    missing = runner.invoke(app, ["predict", str(tmp_path / "nope.nii.gz"), "-m", str(ckpt), "-o", str(tmp_path / "o.nii.gz")])
+    assert missing.exit_code == 1 and "nope.nii.gz: no such file" in missing.output

@@ -83,7 +83,8 @@ def expand_inputs(inputs: list[str]) -> tuple[list[ScanCase], dict[str, str]]:
     cases: list[ScanCase] = []
     problems: dict[str, str] = {}
     for item in inputs:
-        matches = [Path(item)] if Path(item).exists() else [Path(p) for p in sorted(glob.glob(item))]
+        matches = [Path(item)] if Path(item).exists() else [
+            Path(p) for p in sorted(glob.glob(item)) if not _is_output(_stem(Path(p)) or "")]  # skip earlier outputs
         if not matches:
             problems[item] = f"{item}: no such file or folder, and no file matches it as a pattern"
         for path in matches:
@@ -129,6 +130,11 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
 
     console = Console(highlight=False, soft_wrap=True)
     cases, failures = expand_inputs(list(inputs))
+    if not cases:
+        for message in failures.values():
+            console.print(f"[red]failed[/] {escape(message)}")
+        console.print("nothing to segment")
+        return 1
     targets = output_paths(cases, Path(output) if output is not None else None, save_probabilities)
     seen: dict[Path, str] = {}
     for case in cases:

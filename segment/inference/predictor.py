@@ -6,6 +6,7 @@ probabilities are mapped back onto the scan's own grid, so a written label map h
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -201,8 +202,7 @@ class Predictor:
         """Segment one case (one file per channel) into `out`; returns timing and label volumes."""
         paths = [Path(p) for p in (images if isinstance(images, (list, tuple)) else [images])]
         for target in [out] + ([probabilities] if probabilities else []):
-            if Path(target).exists() and not overwrite:
-                raise InputError(f"{target}: output exists; pass --overwrite to replace it")
+            check_target(Path(target), overwrite)
         t0 = time.perf_counter()
         channels, geometry = read_case(paths)
         labels, probs = self.predict_labels(channels, geometry, keep_probabilities=probabilities is not None)
@@ -221,12 +221,12 @@ class Predictor:
         """A label image with exactly the input's shape and affine (sform and qform both set to it)."""
         if isinstance(img, (str, Path)):
             array, geometry = read_image(img)
-        else:
+            channels = [array]
+        else:  # a 4D image holds one channel per volume along its last axis
             array = np.asarray(img.dataobj, dtype=np.float32)
-            while array.ndim > 3 and array.shape[-1] == 1:
-                array = array[..., 0]
-            geometry = Geometry.from_affine(img.affine, array.shape, str(img.get_data_dtype()), "<in-memory image>")
-        labels, _ = self.predict_labels([array], geometry)
+            channels = [array[..., i] for i in range(array.shape[3])] if array.ndim == 4 else [array]
+            geometry = Geometry.from_affine(img.affine, channels[0].shape, str(img.get_data_dtype()), "<in-memory image>")
+        labels, _ = self.predict_labels(channels, geometry)
         out = nib.Nifti1Image(labels, geometry.affine)
         out.set_sform(geometry.affine, code=1)
         out.set_qform(geometry.affine, code=1)
@@ -241,6 +241,17 @@ def read_case(paths: list[Path]) -> tuple[list[np.ndarray], Geometry]:
         if not geometries[0].same_grid(g):
             raise GeometryError(f"{path}: channel grid differs from {paths[0]} ({geometries[0].difference(g)})")
     return list(arrays), geometries[0]
+
+
+def check_target(path: Path, overwrite: bool) -> None:
+    """Refuse an output before spending minutes on the prediction: existing file, non-NIfTI name, unwritable folder."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        raise InputError(f"{path}: outputs are written as NIfTI; use a .nii.gz (or .nii) file name")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: output exists; pass --overwrite to replace it")
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: cannot write there ({folder} is not a writable folder)")
 
 
 def check_written(path: Path, geometry: Geometry) -> None:
