@@ -1,9 +1,9 @@
 """How fast is `segment predict` against plain MONAI `sliding_window_inference` with the same network and settings?
 
 Both sides get the same preprocessed tensor, network, patch, overlap, window batch and Gaussian blending, and both
-map probabilities back to the scan's grid. MONAI runs the usual way (fp32 under `torch.no_grad`, one call per
-mirroring for TTA); ours uses the Predictor as `segment predict` does (inference mode, autocast where it measured
-faster, mirrorings batched together). Also reported: how many voxels get the same label from both.
+map probabilities back to the scan's grid, under the same autocast dtype (bf16 where our predictor measured it
+faster, else fp32). MONAI runs the usual way (`torch.no_grad`, one call per mirroring for TTA); ours uses the
+Predictor as `segment predict` does (inference mode, mirrorings batched together). Also reported: how many voxels get the same label from both.
 
     python benchmarks/predict_speed.py                      # random-weight hippocampus-sized U-Net, a few minutes
     python benchmarks/predict_speed.py --model runs/NAME    # a trained run
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +44,17 @@ def default_predictor(device: str, tta: bool) -> Predictor:
 
 
 def monai_labels(p: Predictor, image: np.ndarray, geometry: Geometry, tta: bool) -> np.ndarray:
-    """The plain MONAI way: fp32, no_grad, one sliding_window_inference per mirroring."""
+    """The plain MONAI way: no_grad, one sliding_window_inference per mirroring, under the same autocast as ours."""
     x = prepare_image([image], geometry, p.plan)[None].to(p.device)
     flips = flip_sets(3) if tta else [()]
     total = None
-    with torch.no_grad():
+    autocast = torch.autocast(p.device.type, dtype=p.dtype) if p.dtype is not None else nullcontext()
+    with torch.no_grad(), autocast:
         for f in flips:
             xin = x.flip(f) if f else x
             logits = sliding_window_inference(xin, p.plan.patch_size, p.config.predict.sw_batch_size, p.model,
                                               overlap=p.overlap, mode=p.config.predict.blend)
-            probs = torch.softmax(logits, 1)
+            probs = torch.softmax(logits.float(), 1)
             probs = probs.flip(f) if f else probs
             total = probs if total is None else total + probs
         canon = restore_probabilities(total[0] / len(flips), geometry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import time
@@ -52,6 +53,19 @@ def parse_duration(text: str | None) -> float | None:
         d, h, mi, s = (int(p) for p in parts)
         return float(((d * 24 + h) * 60 + mi) * 60 + s)
     raise ConfigError(f"train.max_time: {text!r} is not a duration (use e.g. 30m, 2h, 90s or DD:HH:MM:SS)")
+
+
+class _NoTips(logging.Filter):
+    """Drop Lightning's advertising tips; keep its real information (devices, precision, stops)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
 
 
 def _rank_zero() -> bool:
@@ -183,6 +197,7 @@ def train(
 
     `plan` and `split` let several runs (an ablation) share exactly the same preprocessing, patch and cases.
     """
+    _quiet_lightning()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
