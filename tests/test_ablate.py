@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +24,7 @@ TINY = ["model.features=[4,8]", "data.patch_size=[24,24,24]", "data.batch_size=2
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread, and far faster than on two when other jobs share the cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- parsing and configuration ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, expected", [
