@@ -104,24 +104,14 @@ def autocast_dtype(model: nn.Module, plan: Plan, device: torch.device, precision
     return torch.bfloat16 if _BF16_CPU[key] else None
 
 
-def _cpu_bf16_faster(model: nn.Module, plan: Plan, repeats: int = 2) -> bool:
+def _cpu_bf16_faster(model: nn.Module, plan: Plan) -> bool:
     """Time a forward pass on a small window in fp32 and bf16 (once per process and network); bf16 must win by 10%."""
+    from segment.precision import cpu_bf16_speedup
+
     size = [min(int(p), 32) for p in plan.patch_size]
     if hasattr(model, "input_size_for"):
         size = list(model.input_size_for(size))
-    x = torch.randn(1, plan.channels, *size)
-    best = {}
-    for bf16 in (False, True):
-        best[bf16] = float("inf")
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            try:
-                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    model(x)
-            except RuntimeError:  # an op without a bf16 CPU kernel
-                return False
-            best[bf16] = min(best[bf16], time.perf_counter() - t0)
-    return best[True] * 1.1 < best[False]
+    return cpu_bf16_speedup(model, torch.randn(1, plan.channels, *size), train=False) > 1.1
 
 
 class Predictor:
