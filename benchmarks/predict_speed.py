@@ -27,7 +27,7 @@ from segment.config import Config, ModelConfig
 from segment.data.plan import Plan
 from segment.data.preprocess import prepare_image, restore_probabilities, to_source_grid
 from segment.inference.predictor import Predictor
-from segment.inference.sliding import flip_sets
+from segment.inference.sliding import flip_sets, window_batch
 from segment.io.image import Geometry, read_image
 from segment.nets import build_model
 
@@ -52,7 +52,7 @@ def monai_labels(p: Predictor, image: np.ndarray, geometry: Geometry, tta: bool)
     with torch.no_grad(), autocast:
         for f in flips:
             xin = x.flip(f) if f else x
-            logits = sliding_window_inference(xin, p.plan.patch_size, p.config.predict.sw_batch_size, p.model,
+            logits = sliding_window_inference(xin, p.plan.patch_size, window_batch(p.config.predict.sw_batch_size, p.device), p.model,
                                               overlap=p.overlap, mode=p.config.predict.blend)
             probs = torch.softmax(logits.float(), 1)
             probs = probs.flip(f) if f else probs
@@ -108,7 +108,7 @@ def main() -> None:
     p = Predictor.from_checkpoint(args.model, args.device) if args.model else default_predictor(args.device, False)
     console = Console(width=max(130, Console().width))
     console.print(f"device {p.device}, autocast {p.dtype or 'off (fp32)'}, patch {p.plan.patch_size}, "
-                  f"overlap {p.overlap}, sw_batch_size {p.config.predict.sw_batch_size}, threads {torch.get_num_threads()}")
+                  f"overlap {p.overlap}, sw_batch_size {window_batch(p.config.predict.sw_batch_size, p.device)}, threads {torch.get_num_threads()}")
     sets = {f"synthetic {'x'.join(map(str, size))}": [synthetic(size, p.plan.spacing)]}
     files = sorted((HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))[-n_cases:] if HIPPOCAMPUS.is_dir() else []
     if files:

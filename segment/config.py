@@ -158,7 +158,9 @@ class PredictConfig(_Strict):
     """Inference settings (defaults for `segment predict`)."""
 
     overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap")
-    sw_batch_size: int = Field(4, ge=1, description="windows per forward pass")
+    sw_batch_size: int | None = Field(
+        None, ge=1, description="windows per forward pass; null = 2 on CPU (fastest there, see BENCHMARKS.md), 4 on GPU",
+    )
     blend: Literal["gaussian", "constant"] = Field("gaussian", description="how overlapping windows are blended")
     tta: bool = Field(False, description="mirror test-time augmentation")
     largest_component: bool = Field(False, description="keep only the largest connected component per class")

@@ -81,3 +81,30 @@ def test_mirror_tta_of_a_symmetric_input_is_its_plain_prediction() -> None:
     assert plain.shape == (2, 10, 12, 9)
     torch.testing.assert_close(plain.sum(0), torch.ones(10, 12, 9))
     torch.testing.assert_close(tta, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_mirror_tta_undoes_every_flip_for_an_asymmetric_net() -> None:
+    """TTA = mean over the 8 mirrorings of softmax(net(flipped x)) flipped back, whatever the chunking."""
+    from segment.inference.sliding import flip_sets
+
+    torch.manual_seed(2)
+    net = torch.nn.Conv3d(1, 3, 3, padding=1)  # a 3x3x3 kernel is not mirror-symmetric: a missed un-flip shows
+    x = torch.randn(1, 1, 10, 12, 9)
+    with torch.inference_mode():
+        expected = torch.stack([
+            torch.softmax(sliding_logits(net, x.flip(f) if f else x, [8, 8, 8]), 1)[0].flip([d - 1 for d in f])
+            if f else torch.softmax(sliding_logits(net, x, [8, 8, 8]), 1)[0]
+            for f in flip_sets(3)
+        ]).mean(0)
+        tta = softmax_probabilities(net, x, [8, 8, 8], tta=True)
+        plain = softmax_probabilities(net, x, [8, 8, 8], tta=False)
+    torch.testing.assert_close(tta, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tta, plain, atol=1e-3)
+
+
+def test_window_batch_defaults_per_device_and_keeps_a_configured_value() -> None:
+    from segment.inference.sliding import window_batch
+
+    assert window_batch(None, "cpu") == 2
+    assert window_batch(None, "cuda") == 4
+    assert window_batch(7, "cpu") == 7

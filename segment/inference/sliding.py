@@ -25,16 +25,24 @@ def _weight_map(roi: tuple[int, ...], mode: str, device: str) -> torch.Tensor:
     return compute_importance_map(roi, mode=mode, sigma_scale=0.125, device=device, dtype=torch.float32)
 
 
+def window_batch(requested: int | None, device: torch.device | str) -> int:
+    """Windows per forward pass: as configured, else 2 on CPU (batches of 4-8 measured 10-30% slower there) or 4."""
+    if requested:
+        return int(requested)
+    return 2 if torch.device(device).type == "cpu" else 4
+
+
 def sliding_logits(
     model: nn.Module,
     image: torch.Tensor,
     patch_size: Sequence[int],
     *,
     overlap: float = 0.5,
-    sw_batch_size: int = 4,
+    sw_batch_size: int | None = None,
     blend: str = "gaussian",
 ) -> torch.Tensor:
     """Logits (N, K, *spatial) for an image (N, C, *spatial) of any size, window by window."""
+    sw_batch_size = window_batch(sw_batch_size, image.device)
     if getattr(getattr(model, "cfg", None), "padding", "same") == "valid":
         from segment.inference.tiler import tiled_logits
 
@@ -60,18 +68,21 @@ def softmax_probabilities(
     patch_size: Sequence[int],
     *,
     overlap: float = 0.5,
-    sw_batch_size: int = 4,
+    sw_batch_size: int | None = None,
     blend: str = "gaussian",
     tta: bool = False,
 ) -> torch.Tensor:
     """Class probabilities (K, *spatial) in fp32 for one image (1, C, *spatial); with `tta`, averaged over mirrorings.
 
-    Mirrored copies are stacked along the batch axis so their windows share forward passes, in as many chunks as
-    keep the blended logits under MAX_BATCH_ELEMENTS.
+    On a GPU, mirrored copies are stacked along the batch axis so their windows share forward passes, in as many
+    chunks as keep the blended logits under MAX_BATCH_ELEMENTS. On a CPU bigger batches are slower, not faster
+    (benchmarks/predict_speed.py), so mirrorings run one at a time there.
     """
     flips = flip_sets(image.ndim - 2) if tta else [()]
     per_copy = 8 * math.prod(image.shape[2:])  # a guess at K; only bounds memory
     chunk = max(1, min(len(flips), MAX_BATCH_ELEMENTS // max(1, per_copy)))
+    if image.device.type == "cpu":
+        chunk = 1
     total: torch.Tensor | None = None
     for k in range(0, len(flips), chunk):
         group = flips[k:k + chunk]
