@@ -40,14 +40,17 @@ def fixed_split(n_val: int) -> dict[str, list[str]]:
     return {"train": names[:-n_val], "val": names[-n_val:]}
 
 
-def score(run_dir: Path, split: dict[str, list[str]]) -> dict:
-    """Per-case Dice per class (mean over cases) and inference time, predicting in each scan's own geometry."""
+def score(run_dir: Path, split: dict[str, list[str]], tta: bool = False) -> dict:
+    """Per-case Dice per class (mean over cases) and inference time, predicting in each scan's own geometry.
+
+    Scores the *final* weights (last.ckpt), as the peer does: best.ckpt was picked on these same validation cases.
+    """
     import numpy as np
 
     from segment.inference.predictor import Predictor
     from segment.io.image import read_image, read_label
 
-    predictor = Predictor.from_checkpoint(run_dir / "checkpoints" / "best.ckpt", device="cpu")
+    predictor = Predictor.from_checkpoint(run_dir / "checkpoints" / "last.ckpt", device="cpu", tta=tta)
     dice: dict[int, list[float]] = {1: [], 2: []}
     seconds = 0.0
     for name in split["val"]:
@@ -88,10 +91,12 @@ def main() -> None:
         sys.exit(f"segment train failed (exit {code}); see {args.out / 'segment.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
-    result = score(run_dir, split)
-    rows.append({"method": "segment train", "steps": summary["steps"], "train_s": summary["seconds"],
-                 "s_per_it": summary["seconds"] / max(1, summary["steps"]), "peak_mib": rss, **result,
-                 "note": f"patch {plan['patch_size']} batch {plan['batch_size']} features {plan['features']}"})
+    note = f"patch {plan['patch_size']} batch {plan['batch_size']} features {plan['features']}"
+    common = {"steps": summary["steps"], "train_s": summary["seconds"],
+              "s_per_it": summary["seconds"] / max(1, summary["steps"]), "peak_mib": rss}
+    rows.append({"method": "segment train", **common, **score(run_dir, split), "note": note})
+    rows.append({"method": "segment train, predict --tta", **common, **score(run_dir, split, tta=True),
+                 "note": "same model, mirror test-time augmentation"})
 
     if not args.skip_peer and PEER.is_file():
         peer_dir = args.out / "peer"

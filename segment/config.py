@@ -23,13 +23,24 @@ class _Strict(BaseModel):
 class AugmentConfig(_Strict):
     """Random augmentation applied to training patches only."""
 
-    flip_prob: float = Field(0.5, ge=0, le=1, description="probability of a flip, per axis")
+    flip_prob: float = Field(0.5, ge=0, le=1, description="probability of a flip, per mirrored axis")
+    mirror_axes: list[int] | None = Field(
+        None, description="axes to mirror in training and --tta (canonical: 0 left-right, 1 back-front, 2 down-up); "
+        "null = planned: every axis along which no two labels keep a fixed order (e.g. left/right organs)",
+    )
     rotate_prob: float = Field(0.2, ge=0, le=1, description="probability of a small rotation/scaling")
     rotate_deg: float = Field(15.0, ge=0, le=180, description="max rotation angle about each axis (degrees)")
     scale_range: float = Field(0.15, ge=0, lt=1, description="max relative zoom in or out")
     intensity_prob: float = Field(0.15, ge=0, le=1, description="probability of intensity scale/shift/gamma")
     noise_prob: float = Field(0.1, ge=0, le=1, description="probability of additive Gaussian noise")
     noise_std: float = Field(0.1, ge=0, description="std of that noise (after normalisation)")
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _axes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (any(a not in (0, 1, 2) for a in v) or len(set(v)) != len(v)):
+            raise ValueError("must list distinct axes out of 0, 1, 2")
+        return None if v is None else sorted(v)
 
 
 class DataConfig(_Strict):

@@ -81,11 +81,15 @@ class LoadCased(mt.Transform):
         return item
 
 
-def augmentations(aug: AugmentConfig, ndim: int) -> list[mt.Transform]:
-    """Random spatial and intensity augmentation (MONAI), applied to patches after cropping."""
+def augmentations(aug: AugmentConfig, ndim: int, mirror_axes: Sequence[int] | None = None) -> list[mt.Transform]:
+    """Random spatial and intensity augmentation (MONAI), applied to patches after cropping.
+
+    Flips only along `mirror_axes` (the plan's; None = every axis).
+    """
     keys = ["image", "label"]
     rot = np.deg2rad(aug.rotate_deg)
-    out: list[mt.Transform] = [mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=a) for a in range(ndim)]
+    axes = range(ndim) if mirror_axes is None else mirror_axes
+    out: list[mt.Transform] = [mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=a) for a in axes]
     if aug.rotate_prob > 0:
         out.append(mt.RandAffined(
             keys, prob=aug.rotate_prob, rotate_range=[rot] * (3 if ndim == 3 else 1),
@@ -115,7 +119,7 @@ def train_transforms(plan: Plan, cfg: Config) -> mt.Compose:
             ["image", "label"], label_key="label", spatial_size=patch, pos=fg, neg=1 - fg, num_samples=1,
             fg_indices_key="label_fg", bg_indices_key="label_bg", allow_smaller=False,
         ),
-        *augmentations(cfg.data.augment, len(patch)),
+        *augmentations(cfg.data.augment, len(patch), plan.mirror_axes),
         mt.EnsureTyped(["image", "label"], track_meta=False),
     ])
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from segment.config import Config
 from segment.io.dataset import Dataset
-from segment.io.image import read_geometry, read_image, read_label
+from segment.io.image import Geometry, read_geometry, read_image, read_label
 
 
 @dataclass
@@ -35,6 +35,12 @@ class Plan:
     ct_std: float = 1.0
     median_shape: list[int] = field(default_factory=list)
     num_cases: int = 0
+    # canonical axes mirrored in training augmentation and test-time augmentation; None (plans written before this
+    # field existed) means every axis
+    mirror_axes: list[int] | None = None
+
+    def tta_axes(self) -> list[int]:
+        return list(range(len(self.patch_size))) if self.mirror_axes is None else list(self.mirror_axes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,10 +66,47 @@ def _canonical_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return grid.shape, grid.spacing
 
 
+def label_centroids(label: np.ndarray, geometry: Geometry) -> dict[int, list[float]]:
+    """Centroid (canonical RAS voxel axes, mm) of every foreground label present in a label map."""
+    from segment.io.image import to_canonical
+
+    canon, grid = to_canonical(label, geometry)
+    out: dict[int, list[float]] = {}
+    for value in np.unique(canon):
+        if value == 0:
+            continue
+        idx = np.argwhere(canon == value)
+        out[int(value)] = (idx.mean(0) * np.asarray(grid.spacing)).tolist()
+    return out
+
+
+def ordered_axes(centroids: list[dict[int, list[float]]], agreement: float = 0.9, min_cases: int = 3,
+                 min_mm: float = 1.0) -> dict[int, str]:
+    """Axes along which some pair of labels keeps the same order in (nearly) every case, e.g. "1 before 2".
+
+    Mirroring along such an axis would show the network anatomy that never occurs (the anterior hippocampus behind the
+    posterior one, the left kidney on the right), so those axes are not mirrored. Returns {axis: reason}.
+    """
+    labels = sorted({k for c in centroids for k in c})
+    found: dict[int, str] = {}
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            diffs = np.array([np.subtract(c[b], c[a]) for c in centroids if a in c and b in c])
+            if len(diffs) < min_cases:
+                continue
+            for axis in range(diffs.shape[1]):
+                d = diffs[:, axis]
+                same_sign = max((d > 0).mean(), (d < 0).mean())
+                if same_sign >= agreement and abs(np.median(d)) >= min_mm and axis not in found:
+                    found[axis] = f"label {b} is {'after' if np.median(d) > 0 else 'before'} label {a} in {same_sign:.0%} of cases"
+    return found
+
+
 def fingerprint(dataset: Dataset, max_intensity_cases: int = 20) -> dict:
-    """Spacings, shapes (canonical axes) and foreground intensity statistics of a dataset."""
+    """Spacings, shapes (canonical axes), foreground intensity statistics and label layout of a dataset."""
     shapes, spacings = zip(*(_canonical_header(c.images[0]) for c in dataset.cases))
     fg: list[np.ndarray] = []
+    centroids: list[dict[int, list[float]]] = []
     step = max(1, len(dataset.cases) // max_intensity_cases)
     for case in dataset.cases[::step][:max_intensity_cases]:
         if case.label is None:
@@ -73,8 +116,12 @@ def fingerprint(dataset: Dataset, max_intensity_cases: int = 20) -> dict:
         vals = img[lab > 0]
         if vals.size:
             fg.append(np.random.default_rng(0).choice(vals, size=min(vals.size, 10000), replace=False))
+        if lab.ndim == 3:
+            centroids.append(label_centroids(lab, geom))
     fg_all = np.concatenate(fg) if fg else np.zeros(1, np.float32)
+    ordered = ordered_axes(centroids)
     return {
+        "ordered_axes": {str(k): v for k, v in ordered.items()},
         "shapes": [list(s) for s in shapes],
         "spacings": [list(s) for s in spacings],
         "median_spacing": np.median(np.array(spacings), axis=0).tolist(),
@@ -121,9 +168,13 @@ def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan,
     modality = cfg.data.modality if cfg.data.modality != "auto" else ("ct" if dataset.modality == "ct" else "mri")
     p_lo, _, p_hi = fp["fg_percentiles"]
     clip = list(cfg.data.ct_clip or [p_lo, p_hi])
+    ndim = len(patch)
+    mirror = cfg.data.augment.mirror_axes
+    if mirror is None:
+        mirror = [a for a in range(ndim) if str(a) not in fp["ordered_axes"]]
     plan = Plan(
         spacing=spacing, patch_size=patch, batch_size=batch, features=features, modality=modality,
         channels=dataset.channels, labels=dict(dataset.labels), ct_clip=clip, ct_mean=fp["fg_mean"], ct_std=fp["fg_std"],
-        median_shape=median_shape, num_cases=len(dataset.cases),
+        median_shape=median_shape, num_cases=len(dataset.cases), mirror_axes=[a for a in mirror if a < ndim],
     )
     return plan, fp

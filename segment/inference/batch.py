@@ -147,6 +147,11 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
         ckpt = resolve_checkpoint(model)
         predictor = Predictor.from_checkpoint(ckpt, device, overlap=overlap, tta=tta, largest_component=largest_component)
         console.print(f"model {escape(str(ckpt))} on {predictor.device} ({len(todo)} case(s))")
+        if tta:
+            axes = predictor.plan.tta_axes()
+            console.print(f"--tta: mirroring axes {axes} (those the model was trained to mirror)" if axes else
+                          "[yellow]--tta: this model was trained without mirroring (its labels keep a fixed order "
+                          "along every axis), so there is nothing to mirror; predicting without TTA[/]")
         _run_cases(predictor, todo, targets, overwrite, failures, console)
     for message in failures.values():
         console.print(f"[red]failed[/] {escape(message)}")

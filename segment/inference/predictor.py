@@ -164,7 +164,7 @@ class Predictor:
         with torch.inference_mode(), autocast:
             probs = softmax_probabilities(
                 self.model, x, self.plan.patch_size, overlap=self.overlap, sw_batch_size=self.config.predict.sw_batch_size,
-                blend=self.config.predict.blend, tta=self.tta,
+                blend=self.config.predict.blend, tta=self.tta, mirror_axes=self.plan.tta_axes(),
             )
         with torch.inference_mode():
             return restore_probabilities(probs, geometry)

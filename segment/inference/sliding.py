@@ -56,10 +56,13 @@ def sliding_logits(
     )
 
 
-def flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
-    """Every combination of mirrored spatial axes (tensor dims 2..), the identity first: 8 in 3D, 4 in 2D."""
-    axes = range(2, 2 + spatial_dims)
-    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(axes, r)]
+def flip_sets(spatial_dims: int, mirror_axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """Every combination of mirrored spatial axes as tensor dims (2..), the identity first: 8 in 3D, 4 in 2D.
+
+    `mirror_axes` (spatial axes 0..) limits it to the axes the model was trained to mirror.
+    """
+    axes = [2 + a for a in (range(spatial_dims) if mirror_axes is None else mirror_axes)]
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
 def softmax_probabilities(
@@ -71,6 +74,7 @@ def softmax_probabilities(
     sw_batch_size: int | None = None,
     blend: str = "gaussian",
     tta: bool = False,
+    mirror_axes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Class probabilities (K, *spatial) in fp32 for one image (1, C, *spatial); with `tta`, averaged over mirrorings.
 
@@ -78,7 +82,7 @@ def softmax_probabilities(
     chunks as keep the blended logits under MAX_BATCH_ELEMENTS. On a CPU bigger batches are slower, not faster
     (benchmarks/predict_speed.py), so mirrorings run one at a time there.
     """
-    flips = flip_sets(image.ndim - 2) if tta else [()]
+    flips = flip_sets(image.ndim - 2, mirror_axes) if tta else [()]
     per_copy = 8 * math.prod(image.shape[2:])  # a guess at K; only bounds memory
     chunk = max(1, min(len(flips), MAX_BATCH_ELEMENTS // max(1, per_copy)))
     if image.device.type == "cpu":

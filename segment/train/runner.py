@@ -132,6 +132,7 @@ def plan_table(plan: Plan, precision: str, accelerator: str) -> Table:
         ("cases", plan.num_cases), ("classes", ", ".join(f"{k}:{v}" for k, v in plan.labels.items())),
         ("modality", plan.modality), ("spacing (mm)", plan.spacing), ("median shape", plan.median_shape),
         ("patch", plan.patch_size), ("batch", plan.batch_size), ("features", plan.features),
+        ("mirrored axes", plan.tta_axes() or "none (labels have a fixed left/right, front/back or up/down order)"),
         ("device", accelerator), ("precision", precision),
     ]:
         table.add_row(key, str(value))
