@@ -21,13 +21,15 @@ from segment.nets import build_model
 runner = CliRunner()
 
 
-def make_checkpoint(path: Path, *, modality: str = "mri", spacing: list[float] | None = None, classes: int = 3) -> Path:
+def make_checkpoint(path: Path, *, modality: str = "mri", spacing: list[float] | None = None, classes: int = 3,
+                    mirror_axes: list[int] | None = None) -> Path:
     """A Lightning-format checkpoint of a tiny random-weight U-Net; no training needed."""
     torch.manual_seed(0)
     cfg = Config(model=ModelConfig(features=[4, 8], out_channels=classes))
     labels = {i: f"organ{i}" if i else "background" for i in range(classes)}
     plan = Plan(spacing=spacing or [1.0, 1.0, 1.0], patch_size=[32, 32, 16], batch_size=2, features=[4, 8],
-                modality=modality, channels=1, labels=labels, ct_clip=[-200.0, 300.0], ct_mean=40.0, ct_std=80.0)
+                modality=modality, channels=1, labels=labels, ct_clip=[-200.0, 300.0], ct_mean=40.0, ct_std=80.0,
+                mirror_axes=mirror_axes)
     state = {f"model.{k}": v for k, v in build_model(cfg.model).state_dict().items()}
     state["loss_fn.dummy"] = torch.zeros(1)  # extra module keys must be ignored
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,3 +143,17 @@ def test_python_api_and_unwritable_output(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "not a writable folder" in result.output
     missing = runner.invoke(app, ["predict", str(tmp_path / "nope.nii.gz"), "-m", str(ckpt), "-o", str(tmp_path / "o.nii.gz")])
     assert missing.exit_code == 1 and "nope.nii.gz: no such file" in missing.output
+
+
+def test_tta_on_a_model_trained_without_mirroring_says_so_and_predicts_plainly(tmp_path: Path) -> None:
+    scan = _scan(tmp_path / "scan.nii.gz")
+    ckpt = make_checkpoint(tmp_path / "fixed.ckpt", mirror_axes=[])
+    plain, tta = tmp_path / "plain.nii.gz", tmp_path / "tta.nii.gz"
+    assert runner.invoke(app, ["predict", str(scan), "-m", str(ckpt), "--device", "cpu", "-o", str(plain)]).exit_code == 0
+    res = runner.invoke(app, ["predict", str(scan), "-m", str(ckpt), "--device", "cpu", "-o", str(tta), "--tta"])
+    assert res.exit_code == 0, res.output
+    assert "trained without mirroring" in res.output
+    np.testing.assert_array_equal(np.asarray(nib.load(tta).dataobj), np.asarray(nib.load(plain).dataobj))
+    some = runner.invoke(app, ["predict", str(scan), "-m", str(make_checkpoint(tmp_path / "lr.ckpt", mirror_axes=[0])),
+                               "--device", "cpu", "-o", str(tmp_path / "lr.nii.gz"), "--tta"])
+    assert some.exit_code == 0 and "mirroring axes [0]" in some.output
