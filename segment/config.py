@@ -26,7 +26,7 @@ class AugmentConfig(_Strict):
     flip_prob: float = Field(0.5, ge=0, le=1, description="probability of a flip, per mirrored axis")
     mirror_axes: list[int] | None = Field(
         None, description="axes to mirror in training and --tta (canonical: 0 left-right, 1 back-front, 2 down-up); "
-        "null = planned: every axis along which no two labels keep a fixed order (e.g. left/right organs)",
+        "null = all. Leave out an axis along which labels are counterparts, e.g. [1, 2] for left/right kidneys",
     )
     rotate_prob: float = Field(0.2, ge=0, le=1, description="probability of a small rotation/scaling")
     rotate_deg: float = Field(15.0, ge=0, le=180, description="max rotation angle about each axis (degrees)")

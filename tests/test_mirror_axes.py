@@ -1,4 +1,4 @@
-"""Mirror axes are planned from the label layout: no flips (in training or --tta) that would swap ordered anatomy."""
+"""Mirror axes: ordered label layouts are detected and reported; --tta mirrors only the axes training mirrored."""
 
 from __future__ import annotations
 
@@ -56,15 +56,19 @@ def test_ordered_axes_finds_a_consistent_order_and_ignores_a_random_one() -> Non
     assert ordered_axes(fixed[:2]) == {}  # too few cases to tell
 
 
-def test_plan_does_not_mirror_an_axis_along_which_labels_are_ordered(tmp_path: Path) -> None:
+def test_plan_reports_ordered_axes_and_the_config_chooses_what_to_mirror(tmp_path: Path) -> None:
     ordered = discover(_write_pairs(tmp_path / "ordered", 6, order_along=1))
     plan, fp = make_plan(ordered, Config())
-    assert plan.mirror_axes == [0, 2]
+    assert plan.mirror_axes == [0, 1, 2]  # every axis by default, as nnU-Net (measured best on hippocampus)
     assert list(fp["ordered_axes"]) == ["1"]
     free = discover(_write_pairs(tmp_path / "free", 6, order_along=None, seed=3))
-    assert make_plan(free, Config())[0].mirror_axes == [0, 1, 2]
-    forced = Config(data=DataConfig(augment={"mirror_axes": [1]}))
-    assert make_plan(ordered, forced)[0].mirror_axes == [1]  # the config overrides the planner
+    assert make_fp_axes(free) == []
+    forced = Config(data=DataConfig(augment={"mirror_axes": [0, 2]}))
+    assert make_plan(ordered, forced)[0].mirror_axes == [0, 2]
+
+
+def make_fp_axes(dataset) -> list[str]:  # noqa: ANN001
+    return list(make_plan(dataset, Config())[1]["ordered_axes"])
 
 
 def test_mirror_axes_config_is_validated() -> None:
@@ -100,3 +104,16 @@ def test_plans_written_before_mirror_axes_existed_mirror_every_axis() -> None:
     old = {"spacing": [1, 1, 1], "patch_size": [16, 16, 16], "batch_size": 2, "features": [4, 8], "modality": "mri",
            "channels": 1, "labels": {"0": "background", "1": "fg"}}
     assert Plan.from_dict(old).tta_axes() == [0, 1, 2]
+
+
+def test_training_notes_a_mirrored_axis_along_which_labels_are_ordered(capsys: pytest.CaptureFixture[str]) -> None:
+    from segment.train.runner import _warn_ordered_axes
+
+    plan = Plan(spacing=[1, 1, 1], patch_size=[16, 16, 16], batch_size=2, features=[4, 8], modality="mri", channels=1,
+                labels={0: "background", 1: "a", 2: "b"}, mirror_axes=[0, 1, 2])
+    _warn_ordered_axes({"1": "label 2 is after label 1 in 100% of cases"}, plan)
+    err = capsys.readouterr().err
+    assert "mirroring axis 1 (back-front)" in err and "mirror_axes" in err
+    plan.mirror_axes = [0, 2]
+    _warn_ordered_axes({"1": "label 2 is after label 1 in 100% of cases"}, plan)
+    assert capsys.readouterr().err == ""

@@ -132,11 +132,20 @@ def plan_table(plan: Plan, precision: str, accelerator: str) -> Table:
         ("cases", plan.num_cases), ("classes", ", ".join(f"{k}:{v}" for k, v in plan.labels.items())),
         ("modality", plan.modality), ("spacing (mm)", plan.spacing), ("median shape", plan.median_shape),
         ("patch", plan.patch_size), ("batch", plan.batch_size), ("features", plan.features),
-        ("mirrored axes", plan.tta_axes() or "none (labels have a fixed left/right, front/back or up/down order)"),
+        ("mirrored axes", plan.tta_axes() or "none"),
         ("device", accelerator), ("precision", precision),
     ]:
         table.add_row(key, str(value))
     return table
+
+
+def _warn_ordered_axes(ordered: dict[str, str], plan: Plan) -> None:
+    """Say when training mirrors an axis along which two labels always keep the same order."""
+    names = "left-right", "back-front", "down-up"
+    for axis, reason in sorted(ordered.items()):
+        if int(axis) in plan.tta_axes() and _rank_zero():
+            console.print(f"[yellow]note:[/] mirroring axis {axis} ({names[int(axis)]}) although {reason}; if those labels "
+                          "are left/right or front/back counterparts, leave the axis out: --set data.augment.mirror_axes=[...]")
 
 
 def _setup_run(cfg: Config, run_dir: Path, resume: bool, accelerator: str, plan: Plan | None = None) -> tuple[Config, Plan, Dataset]:
@@ -155,6 +164,7 @@ def _setup_run(cfg: Config, run_dir: Path, resume: bool, accelerator: str, plan:
     fp: dict = {}
     if plan is None:
         plan, fp = make_plan(dataset, cfg, device=accelerator)
+        _warn_ordered_axes(fp.get("ordered_axes", {}), plan)
     cfg = _apply_plan(cfg, plan)
     if _rank_zero():
         plan.save(run_dir / "plan.json")
