@@ -86,3 +86,21 @@ def test_split_is_seeded_and_kfold_partitions(tiny_data: Path) -> None:
 @pytest.mark.parametrize("text, seconds", [("30m", 1800), ("2h", 7200), ("90s", 90), ("45", 2700), ("00:01:00:30", 3630)])
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_training_sampler_draws_steps_per_epoch_batches_and_is_sharded_not_replaced_under_ddp() -> None:
+    from pytorch_lightning.trainer.connectors.data_connector import _get_distributed_sampler
+    from torch.utils.data import DataLoader
+
+    from segment.data.pipeline import DrawWithReplacement
+
+    sampler = DrawWithReplacement(3, 40)
+    torch.manual_seed(0)
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(sampler) == 40 and set(first) <= {0, 1, 2}
+    assert first != second  # a fresh draw every epoch
+    torch.manual_seed(0)
+    assert list(sampler) == first  # from the seeded global RNG: every DDP rank draws the same list, then takes its share
+    loader = DataLoader(list(range(3)), batch_size=2, sampler=sampler)
+    shard = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=0)
+    assert len(shard) == 20  # half of the 40 draws, not half of the 3 cases

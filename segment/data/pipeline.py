@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import CacheDataset, Dataset as MonaiDataset, set_track_meta
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from segment.config import AugmentConfig, Config
 from segment.data.plan import Plan
@@ -140,6 +140,26 @@ def _first_sample(batch: list) -> list:
     return torch.utils.data.default_collate([{k: s[k] for k in ("image", "label")} for s in flat])
 
 
+class DrawWithReplacement(Sampler[int]):
+    """`num_samples` case indices drawn with replacement, fresh each epoch, from torch's (seeded) global RNG.
+
+    Not a `RandomSampler` on purpose: under DDP Lightning replaces a RandomSampler by a DistributedSampler over the
+    dataset — one pass over the cases per epoch, whatever `num_samples` says — while any other sampler is wrapped and
+    sharded, so each of N ranks runs steps_per_epoch / N steps per epoch.
+    """
+
+    def __init__(self, n_items: int, num_samples: int) -> None:
+        self.n_items, self.num_samples = n_items, num_samples
+
+    def __iter__(self):  # noqa: ANN204
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        generator = torch.Generator().manual_seed(seed)
+        return iter(torch.randint(self.n_items, (self.num_samples,), generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 def make_loaders(dataset: Dataset, split: dict[str, list[str]], plan: Plan, cfg: Config) -> tuple[DataLoader, DataLoader]:
     """Training loader (steps_per_epoch batches drawn with replacement) and whole-volume validation loader."""
     # Plain tensors: MetaTensor bookkeeping costs more than the augmentations themselves on small patches.
@@ -150,7 +170,7 @@ def make_loaders(dataset: Dataset, split: dict[str, list[str]], plan: Plan, cfg:
     train_ds = _dataset(train_cases, train_transforms(plan, cfg), cfg.data.cache)
     val_ds = _dataset(val_cases, val_transforms(plan), cfg.data.cache)
     n_samples = cfg.train.steps_per_epoch * plan.batch_size
-    sampler = RandomSampler(train_ds, replacement=True, num_samples=n_samples)
+    sampler = DrawWithReplacement(len(train_ds), n_samples)
     workers = cfg.data.num_workers
     train_loader = DataLoader(
         train_ds, batch_size=plan.batch_size, sampler=sampler, num_workers=workers, collate_fn=_first_sample,
