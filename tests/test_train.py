@@ -62,6 +62,16 @@ def test_resume_continues_from_the_right_step(tiny_data: Path, tmp_path: Path) -
     assert float(steps[0]) == 6.0
 
 
+def test_last_checkpoint_follows_every_epoch_even_without_a_new_best(tiny_data: Path, tmp_path: Path) -> None:
+    """With a learning rate of ~0 the validation Dice never improves after epoch 0; last.ckpt must still move on."""
+    result = train(_cfg(tiny_data, "train.max_epochs=3", "train.lr=1e-12"), output=tmp_path / "run")
+    last = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
+    best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+    assert best["global_step"] == 2  # the first validation stays the best one
+    assert sorted(p.name for p in (result.run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_refuses_to_overwrite_a_run(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()

@@ -184,9 +184,11 @@ def _trainer(cfg: Config, run_dir: Path, precision: str, accelerator: str, max_t
     loggers: list = [CSVLogger(run_dir, name="logs", version=f"resume{len(parts)}" if parts else "")]
     if t.tensorboard:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
-    ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice_mean", mode="max", save_last=True,
-    )
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice_mean", mode="max")
+    # last.ckpt from its own unmonitored callback: in Lightning 2.6 (checked) `save_last=True` on a monitored callback only
+    # writes `last` when the monitored value improved, so an epoch without a new best left last.ckpt (and --resume) behind
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
     strategy = t.strategy
     if strategy in ("ddp", "ddp_spawn") and not cfg.model.deep_supervision:
         # the auxiliary heads are always built (stable checkpoint keys) but get no gradient without deep supervision
@@ -194,7 +196,7 @@ def _trainer(cfg: Config, run_dir: Path, precision: str, accelerator: str, max_t
     return pl.Trainer(
         accelerator=accelerator, devices=t.devices, strategy=strategy, num_nodes=t.num_nodes, precision=precision,
         max_epochs=t.max_epochs, max_time=None if max_time_s is None else timedelta(seconds=max_time_s),
-        check_val_every_n_epoch=t.val_every, logger=loggers, callbacks=[ckpt, RichProgressBar()],
+        check_val_every_n_epoch=t.val_every, logger=loggers, callbacks=[best, last, RichProgressBar()],
         default_root_dir=run_dir, log_every_n_steps=min(50, t.steps_per_epoch), num_sanity_val_steps=0,
         enable_model_summary=False, deterministic=False,
     )
