@@ -2,8 +2,9 @@
 
 Both sides get the same preprocessed tensor, network, patch, overlap, window batch and Gaussian blending, and both
 map probabilities back to the scan's grid, under the same autocast dtype (bf16 where our predictor measured it
-faster, else fp32). MONAI runs the usual way (`torch.no_grad`, one call per mirroring for TTA); ours uses the
-Predictor as `segment predict` does (inference mode, mirrorings batched together). Also reported: how many voxels get the same label from both.
+faster, else fp32) and the same mirrorings for TTA (the axes the model was trained to mirror). MONAI runs the usual way
+(`torch.no_grad`, one call per mirroring); ours uses the Predictor as `segment predict` does (inference mode; mirrorings
+batched together on a GPU, one at a time on a CPU). Also reported: how many voxels get the same label from both.
 
     python benchmarks/predict_speed.py                      # random-weight hippocampus-sized U-Net, a few minutes
     python benchmarks/predict_speed.py --model runs/NAME    # a trained run
@@ -46,7 +47,7 @@ def default_predictor(device: str, tta: bool) -> Predictor:
 def monai_labels(p: Predictor, image: np.ndarray, geometry: Geometry, tta: bool) -> np.ndarray:
     """The plain MONAI way: no_grad, one sliding_window_inference per mirroring, under the same autocast as ours."""
     x = prepare_image([image], geometry, p.plan)[None].to(p.device)
-    flips = flip_sets(3) if tta else [()]
+    flips = flip_sets(3, p.plan.tta_axes()) if tta else [()]
     total = None
     autocast = torch.autocast(p.device.type, dtype=p.dtype) if p.dtype is not None else nullcontext()
     with torch.no_grad(), autocast:

@@ -152,9 +152,7 @@ class DrawWithReplacement(Sampler[int]):
         self.n_items, self.num_samples = n_items, num_samples
 
     def __iter__(self):  # noqa: ANN204
-        seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        generator = torch.Generator().manual_seed(seed)
-        return iter(torch.randint(self.n_items, (self.num_samples,), generator=generator).tolist())
+        return iter(torch.randint(self.n_items, (self.num_samples,)).tolist())
 
     def __len__(self) -> int:
         return self.num_samples

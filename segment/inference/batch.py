@@ -150,8 +150,8 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
         if tta:
             axes = predictor.plan.tta_axes()
             console.print(f"--tta: mirroring axes {axes} (those the model was trained to mirror)" if axes else
-                          "[yellow]--tta: this model was trained without mirroring (its labels keep a fixed order "
-                          "along every axis), so there is nothing to mirror; predicting without TTA[/]")
+                          "[yellow]--tta: this model was trained without mirroring (data.augment.mirror_axes=[]), "
+                          "so there is nothing to mirror; predicting without TTA[/]")
         _run_cases(predictor, todo, targets, overwrite, failures, console)
     for message in failures.values():
         console.print(f"[red]failed[/] {escape(message)}")

@@ -84,9 +84,7 @@ def softmax_probabilities(
     """
     flips = flip_sets(image.ndim - 2, mirror_axes) if tta else [()]
     per_copy = 8 * math.prod(image.shape[2:])  # a guess at K; only bounds memory
-    chunk = max(1, min(len(flips), MAX_BATCH_ELEMENTS // max(1, per_copy)))
-    if image.device.type == "cpu":
-        chunk = 1
+    chunk = 1 if image.device.type == "cpu" else max(1, min(len(flips), MAX_BATCH_ELEMENTS // max(1, per_copy)))
     total: torch.Tensor | None = None
     for k in range(0, len(flips), chunk):
         group = flips[k:k + chunk]
