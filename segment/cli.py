@@ -87,9 +87,9 @@ def train(
         raise SegmentError("--resume needs --output RUN_FOLDER (the run to continue)")
     from segment.train.runner import train as run_train
 
-    from segment.data.pipeline import read_split
+    from segment.run_folder import read_split_file
 
-    run_train(cfg, output=output, resume=resume, split=read_split(split) if split else None)
+    run_train(cfg, output=output, resume=resume, split=read_split_file(split) if split else None)
 
 
 @app.command()

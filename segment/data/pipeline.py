@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,17 +33,6 @@ def make_split(names: Sequence[str], seed: int, val_fraction: float, folds: int,
     return {"train": sorted(n for n in order if n not in val_set), "val": sorted(val)}
 
 
-def read_split(path: Path) -> dict[str, list[str]]:
-    """A split file written by an earlier run: {"train": [names], "val": [names]}."""
-    try:
-        split = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not a readable split file ({err})") from None
-    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "val")):
-        raise InputError(f"{path}: expected a JSON object with 'train' and 'val' lists of case names")
-    return {"train": [str(n) for n in split["train"]], "val": [str(n) for n in split["val"]]}
-
-
 def check_split(split: dict[str, list[str]], dataset: Dataset, source: str = "split") -> None:
     """Every named case must exist, and no case may be in both halves."""
     names = {c.name for c in dataset.cases}
@@ -57,16 +44,6 @@ def check_split(split: dict[str, list[str]], dataset: Dataset, source: str = "sp
         raise InputError(f"{source}: case {sorted(both)[0]!r} is in both train and val")
     if not split["train"] or not split["val"]:
         raise InputError(f"{source}: needs at least one training and one validation case")
-
-
-def load_or_make_split(run_dir: Path, dataset: Dataset, cfg: Config) -> dict[str, list[str]]:
-    """Reuse `split.json` in the run folder (resume, reproduction) or write a new one."""
-    path = run_dir / "split.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    split = make_split([c.name for c in dataset.cases], cfg.seed, cfg.data.val_fraction, cfg.data.folds, cfg.data.fold)
-    path.write_text(json.dumps(split, indent=1))
-    return split
 
 
 class LoadCased(mt.Transform):

@@ -7,7 +7,6 @@ differences show, including when they show nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -90,12 +89,6 @@ def _variant_config(cfg: Config, spec: SkipSpec, features: list[int]) -> Config:
     return validate(raw, f"--variants {variant_name(spec)}")
 
 
-def _accelerator(cfg: Config) -> str:
-    import torch
-
-    return "cuda" if cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
-
-
 def _shared_split(cfg: Config, names: list[str]) -> dict[str, list[str]]:
     from segment.data.pipeline import make_split
 
@@ -107,14 +100,15 @@ def _shared_split(cfg: Config, names: list[str]) -> dict[str, list[str]]:
 
 def _finished_run(run_dir: Path, split: dict[str, list[str]]) -> Any:
     """A previous, finished run of this variant on the same split (so a crashed ablation can continue), or None."""
+    from segment.run_folder import RunFolder
     from segment.train.runner import TrainResult
 
-    summary, split_file = run_dir / "summary.json", run_dir / "split.json"
-    if not (summary.is_file() and split_file.is_file()) or json.loads(split_file.read_text()) != split:
+    run = RunFolder(run_dir)
+    s = run.read_summary()
+    if s is None or run.read_split() != split:
         return None
-    s = json.loads(summary.read_text())
     best = Path(s["best_checkpoint"]) if s.get("best_checkpoint") else None
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run.last_checkpoint
     return TrainResult(run_dir, best, last if last.is_file() else None, s.get("val_dice", {}), int(s["steps"]),
                        float(s["seconds"]))
 
@@ -165,7 +159,6 @@ def _evaluate_all(ckpts: dict[str, Path], cases: list[Any], cfg: Config) -> tupl
 def _grad_norms(run_dirs: dict[str, Path], plan: Any, cases: list[Any], seed: int) -> dict[str, list[float]]:
     """Encoder gradient norms at initialisation, same seed and same deterministic patches for every variant."""
     import pytorch_lightning as pl
-    import torch
 
     from segment.data.preprocess import load_case
     from segment.evaluation.gradients import foreground_patches, mean_encoder_grad_norms
@@ -173,10 +166,13 @@ def _grad_norms(run_dirs: dict[str, Path], plan: Any, cases: list[Any], seed: in
 
     items = [load_case(c.images, c.label, plan) for c in cases[:GRAD_CASES]]
     batches = foreground_patches(items, plan.patch_size, GRAD_BATCH)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from segment.device import resolve_device
+    from segment.run_folder import RunFolder
+
+    device = resolve_device("auto")
     norms = {}
     for name, run_dir in run_dirs.items():
-        planned = yaml.safe_load((run_dir / "config.yaml").read_text())  # the config train() actually used
+        planned = RunFolder(run_dir).read_config().model_dump(mode="json")  # the config train() actually used
         pl.seed_everything(seed, verbose=False)
         module = SegmentationModule(planned, plan.to_dict()).to(device)
         norms[name] = mean_encoder_grad_norms(module, batches)
@@ -203,6 +199,7 @@ def _figures(out: Path, ckpts: dict[str, Path], variants: dict[str, list], profi
     from segment.evaluation.evaluate import load_predictor, predict_labels, read_case_arrays
     from segment.evaluation.figures import (plot_boundary_error, plot_contours, plot_gradient_norms,
                                             plot_training_curves)
+    from segment.run_folder import RunFolder
 
     fig_dir, figures = out / "figures", {}
     predictors = {name: load_predictor(ckpt) for name, ckpt in ckpts.items()}
@@ -216,7 +213,7 @@ def _figures(out: Path, ckpts: dict[str, Path], variants: dict[str, list], profi
                                          spacing=geometry.spacing)
     figures["Boundary error vs distance from the reference surface (all validation cases pooled)"] = \
         plot_boundary_error(profiles, fig_dir / "boundary_error.png")
-    logs = {n: d / "logs" / "metrics.csv" for n, d in run_dirs.items() if (d / "logs" / "metrics.csv").is_file()}
+    logs = {n: parts[0] for n, d in run_dirs.items() if (parts := RunFolder(d).metric_logs())}
     if logs:
         figures["Training curves"] = plot_training_curves(logs, fig_dir / "training_curves.png")
     figures["Gradient norm per encoder depth at initialisation"] = plot_gradient_norms(norms, fig_dir / "grad_norms.png")
@@ -266,6 +263,7 @@ def _print_summary(variants: dict[str, list], results: dict[str, Any], report: P
 def run_ablation(cfg: Config, output: Path | None = None, budget: str | None = None, variants: str = "all,none") -> Path:
     """Train one model per skip setting under identical conditions, evaluate, and write the report; returns report.md."""
     from segment.data.plan import make_plan
+    from segment.device import training_accelerator
     from segment.evaluation.metrics import write_csv
     from segment.evaluation.report import write_report
     from segment.train.runner import load_dataset
@@ -275,7 +273,7 @@ def run_ablation(cfg: Config, output: Path | None = None, budget: str | None = N
     out = Path(output) if output else Path("runs") / time.strftime("ablation-%Y%m%d-%H%M%S")
     dataset = load_dataset(cfg)
     split = _shared_split(cfg, [c.name for c in dataset.cases])
-    plan, _ = make_plan(dataset, cfg, device=_accelerator(cfg))
+    plan, _ = make_plan(dataset, cfg, device=training_accelerator(cfg.train.accelerator))
     cfgs = {variant_name(s): _variant_config(cfg, s, plan.features) for s in specs}
     results = _train_all(cfgs, out, plan, split)
     ckpts = {name: _checkpoint(r, name) for name, r in results.items()}

@@ -6,7 +6,6 @@ there, with the scan's spacing, so the numbers describe what a user actually get
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ CaseHook = Callable[[str, list[np.ndarray], "Geometry", np.ndarray, np.ndarray],
 
 def resolve_model(model: Path) -> tuple[Path, Path | None]:
     """`(checkpoint, run folder or None)` for a run folder (best.ckpt, else last.ckpt) or a .ckpt file."""
-    from segment.inference.predictor import resolve_checkpoint
+    from segment.run_folder import RunFolder, resolve_checkpoint
 
     try:
         ckpt = resolve_checkpoint(Path(model))
@@ -35,8 +34,8 @@ def resolve_model(model: Path) -> tuple[Path, Path | None]:
         raise InputError(f"--model {err}") from None
     if Path(model).is_dir():
         return ckpt, Path(model)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return ckpt, run_dir if (run_dir / "split.json").is_file() else None
+    run = RunFolder.of_checkpoint(ckpt)
+    return ckpt, run.path if run else None
 
 
 def choose_cases(dataset: Dataset, split: str, run_dir: Path | None, model: Path) -> list[Case]:
@@ -46,10 +45,13 @@ def choose_cases(dataset: Dataset, split: str, run_dir: Path | None, model: Path
     cases = [c for c in dataset.cases if c.label is not None]
     if split == "all":
         return cases
-    if run_dir is None or not (run_dir / "split.json").is_file():
+    from segment.run_folder import RunFolder
+
+    saved = RunFolder(run_dir).read_split() if run_dir is not None else None
+    if saved is None:
         raise InputError(f"--model {model}: no run folder with split.json, so the validation cases are unknown; "
                          "use --split all to score every case in --data")
-    names = set(json.loads((run_dir / "split.json").read_text())["val"])
+    names = set(saved["val"])
     chosen = [c for c in cases if c.name in names]
     if not chosen:
         raise InputError(f"{dataset.root}: none of the {len(names)} validation cases of {run_dir} are in this dataset; "

@@ -126,7 +126,8 @@ def _summary(result: dict) -> str:
 def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | None, device: str, tta: bool,
                 overlap: float | None, largest_component: bool, save_probabilities: bool, overwrite: bool) -> int:
     """Segment every case; 0 when all succeeded, 1 when any input or case failed (all are listed at the end)."""
-    from segment.inference.predictor import Predictor, resolve_checkpoint
+    from segment.inference.predictor import Predictor
+    from segment.run_folder import resolve_checkpoint
 
     console = Console(highlight=False, soft_wrap=True)
     cases, failures = expand_inputs(list(inputs))

@@ -20,47 +20,23 @@ from torch import nn
 from segment.config import Config
 from segment.data.plan import Plan
 from segment.data.preprocess import prepare_image, restore_probabilities, to_source_grid
-from segment.errors import ConfigError, GeometryError, InputError
+from segment.device import inference_dtype, resolve_device
+from segment.errors import GeometryError, InputError
 from segment.inference.sliding import softmax_probabilities
 from segment.io.image import Geometry, read_image, write_image, write_label
-
-NO_MODEL = "no trained model found; run `segment train` or pass --model"
-
-
-# ---- where the model comes from and where it runs ---------------------------------------------------------------
-def resolve_checkpoint(model: str | Path | None, runs: Path = Path("runs")) -> Path:
-    """A .ckpt file, a run folder (best.ckpt, else last.ckpt) or, with None, the newest run under `runs/`."""
-    if model is None:
-        found = [c for run in runs.glob("*") for c in _run_checkpoints(run)[:1]] if runs.is_dir() else []
-        if not found:
-            raise InputError(NO_MODEL)
-        return max(found, key=lambda c: c.stat().st_mtime)
-    path = Path(model)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        found = _run_checkpoints(path)
-        if found:
-            return found[0]
-        raise InputError(f"{path}: no checkpoints/best.ckpt or checkpoints/last.ckpt in this folder; pass a run folder or .ckpt")
-    raise InputError(f"{path}: model not found (expected a run folder or a .ckpt file)")
-
-
-def _run_checkpoints(run: Path) -> list[Path]:
-    names = ("best.ckpt", "last.ckpt")
-    return [f for folder in (run / "checkpoints", run) for n in names if (f := folder / n).is_file()]
+from segment.run_folder import read_checkpoint, resolve_checkpoint
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, Plan, Config]:
-    """Network, plan and config from a Lightning checkpoint (trusted files only: it is a pickle)."""
+    """Network, plan and config from a checkpoint, read as data only (see `segment.run_folder.read_checkpoint`)."""
     from segment.nets import build_model
 
+    ckpt = read_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         hp = ckpt["hyper_parameters"]
         config, plan = Config.model_validate(hp["config"]), Plan.from_dict(hp["plan"])
-    except Exception as err:  # torch/pickle raise many types for a foreign or truncated file
-        raise InputError(f"{path}: not a segment checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # pydantic/KeyError/TypeError for a checkpoint of something else
+        raise InputError(f"{path}: not a segment checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     model = build_model(config.model)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
@@ -68,50 +44,6 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Plan, Config]:
     except RuntimeError as err:
         raise InputError(f"{path}: weights do not fit the network in its config ({str(err).splitlines()[0]})") from None
     return model, plan, config
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; asking for a device that is not there is a one-line error."""
-    name = device.lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {device}: Apple MPS is not available here; use --device cpu")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise ConfigError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name)
-
-
-_BF16_CPU: dict[str, bool] = {}
-
-
-def autocast_dtype(model: nn.Module, plan: Plan, device: torch.device, precision: str) -> torch.dtype | None:
-    """None (fp32) or the autocast dtype: bf16 (fp16 without bf16) on CUDA; on CPU bf16 only where it measured faster."""
-    wanted = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
-    if precision in wanted:
-        return wanted[precision]
-    if precision != "auto":
-        raise ConfigError(f"predict.precision {precision!r}: expected auto, 32, bf16 or 16")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
-    key = repr(getattr(model, "cfg", type(model)))
-    if key not in _BF16_CPU:
-        _BF16_CPU[key] = _cpu_bf16_faster(model, plan)
-    return torch.bfloat16 if _BF16_CPU[key] else None
-
-
-def _cpu_bf16_faster(model: nn.Module, plan: Plan) -> bool:
-    """Time a forward pass on a small window in fp32 and bf16 (once per process and network); bf16 must win by 10%."""
-    from segment.precision import cpu_bf16_speedup
-
-    size = [min(int(p), 32) for p in plan.patch_size]
-    if hasattr(model, "input_size_for"):
-        size = list(model.input_size_for(size))
-    return cpu_bf16_speedup(model, torch.randn(1, plan.channels, *size), train=False) > 1.1
 
 
 class Predictor:
@@ -126,7 +58,10 @@ class Predictor:
         if not 0 <= self.overlap < 1:
             raise InputError(f"--overlap {self.overlap}: expected a value in [0, 1)")
         self.tta, self.largest_component = tta, largest_component
-        self.dtype = autocast_dtype(self.model, plan, self.device, precision)
+        window = [min(int(p), 32) for p in plan.patch_size]
+        if hasattr(self.model, "input_size_for"):
+            window = list(self.model.input_size_for(window))
+        self.dtype = inference_dtype(precision, self.device, self.model, window, plan.channels)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", *, overlap: float | None = None, tta: bool = False,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
 import re
 import time
 import warnings
@@ -15,16 +13,16 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from segment.config import Config, dump_config, validate
-from segment.data.pipeline import check_split, load_or_make_split, make_loaders, make_split
+from segment.config import Config, validate
+from segment.data.pipeline import check_split, make_loaders, make_split
 from segment.data.plan import Plan, make_plan
+from segment.device import cpu_bf16_speedup, global_rank, training_accelerator, training_precision
 from segment.errors import ConfigError, InputError
 from segment.io.dataset import Dataset, discover
-from segment.train.precision import choose_precision
+from segment.run_folder import RunFolder
 
 console = Console(stderr=True)
 
@@ -69,28 +67,8 @@ def _quiet_lightning() -> None:
 
 
 def _rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-
-
-def _accelerator(cfg: Config) -> str:
-    acc = cfg.train.accelerator
-    if acc == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError("train.accelerator: CUDA was requested but no GPU is visible (run `segment doctor`)")
-    return "cuda" if acc == "gpu" else acc
-
-
-def prepare_run_dir(output: Path, resume: bool) -> Path:
-    """Create the run folder; refuse to reuse a non-empty one unless resuming (never overwrite a user's run)."""
-    if resume:
-        if not (output / "checkpoints" / "last.ckpt").is_file():
-            raise InputError(f"{output}: nothing to resume (no checkpoints/last.ckpt)")
-        return output
-    if _rank_zero() and output.exists() and any(output.iterdir()):
-        raise InputError(f"{output}: run folder already exists and is not empty; use --resume to continue it or choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
-    return output
+    """Only global rank 0 writes run files (plan, split, config): see `segment.device.global_rank`."""
+    return global_rank() == 0
 
 
 def load_dataset(cfg: Config) -> Dataset:
@@ -148,17 +126,16 @@ def _warn_ordered_axes(ordered: dict[str, str], plan: Plan) -> None:
                           "are left/right or front/back counterparts, leave the axis out: --set data.augment.mirror_axes=[...]")
 
 
-def _setup_run(cfg: Config, run_dir: Path, resume: bool, accelerator: str, plan: Plan | None = None) -> tuple[Config, Plan, Dataset]:
+def _setup_run(cfg: Config, run: RunFolder, resume: bool, accelerator: str, plan: Plan | None = None) -> tuple[Config, Plan, Dataset]:
     """Plan a new run (saved in the run folder) or reload a resumed run's saved config and plan.
 
     A given `plan` (e.g. shared by the variants of an ablation) is used instead of planning anew.
     """
     if resume:
-        saved = validate(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
-        raw = saved.model_dump(mode="json")
+        raw = run.read_config().model_dump(mode="json")
         raw["train"].update({k: v for k, v in cfg.train.model_dump(mode="json").items() if k in ("max_epochs", "max_time")})
         cfg = validate(raw, "resumed config")
-        plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
+        plan = run.read_plan()
         return cfg, plan, load_dataset(cfg)
     dataset = load_dataset(cfg)
     fp: dict = {}
@@ -167,27 +144,42 @@ def _setup_run(cfg: Config, run_dir: Path, resume: bool, accelerator: str, plan:
         _warn_ordered_axes(fp.get("ordered_axes", {}), plan)
     cfg = _apply_plan(cfg, plan)
     if _rank_zero():
-        plan.save(run_dir / "plan.json")
+        run.write_plan(plan)
         if fp:
-            (run_dir / "fingerprint.json").write_text(json.dumps(fp, indent=1))
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+            run.write_fingerprint(fp)
+        run.write_config(cfg)
     return cfg, plan, dataset
 
 
-def _trainer(cfg: Config, run_dir: Path, precision: str, accelerator: str, max_time_s: float | None) -> pl.Trainer:
+def _choose_split(run: RunFolder, dataset: Dataset, cfg: Config, given: dict[str, list[str]] | None,
+                  resume: bool) -> dict[str, list[str]]:
+    """The same split on every rank: the one given (--split), the run's own (resume), or a new seeded one.
+
+    Only global rank 0 writes it; the others compute the identical split instead of racing to read the file.
+    """
+    split = run.read_split() if resume else given
+    if split is None:
+        split = make_split([c.name for c in dataset.cases], cfg.seed, cfg.data.val_fraction, cfg.data.folds, cfg.data.fold)
+    check_split(split, dataset, str(run.split_path) if resume else "split")
+    if _rank_zero() and not resume:
+        run.write_split(split)
+    return split
+
+
+def _trainer(cfg: Config, run: RunFolder, precision: str, accelerator: str, max_time_s: float | None) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.train
     # A resumed run logs into logs/resumeN/ so the CSV of the earlier part is kept (CSVLogger deletes an existing file).
-    parts = sorted((run_dir / "logs").glob("**/metrics.csv"))
-    loggers: list = [CSVLogger(run_dir, name="logs", version=f"resume{len(parts)}" if parts else "")]
+    parts = run.metric_logs()
+    loggers: list = [CSVLogger(run.path, name=run.LOGS, version=f"resume{len(parts)}" if parts else "")]
     if t.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice_mean", mode="max")
+        loggers.append(TensorBoardLogger(run.path, name=run.TENSORBOARD, version=""))
+    best = ModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.BEST, monitor="val_dice_mean", mode="max")
     # last.ckpt from its own unmonitored callback: in Lightning 2.6 (checked) `save_last=True` on a monitored callback only
     # writes `last` when the monitored value improved, so an epoch without a new best left last.ckpt (and --resume) behind
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+    last = ModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.LAST, monitor=None, save_top_k=1,
                            enable_version_counter=False)
     strategy = t.strategy
     if strategy in ("ddp", "ddp_spawn") and not cfg.model.deep_supervision:
@@ -197,7 +189,7 @@ def _trainer(cfg: Config, run_dir: Path, precision: str, accelerator: str, max_t
         accelerator=accelerator, devices=t.devices, strategy=strategy, num_nodes=t.num_nodes, precision=precision,
         max_epochs=t.max_epochs, max_time=None if max_time_s is None else timedelta(seconds=max_time_s),
         check_val_every_n_epoch=t.val_every, logger=loggers, callbacks=[best, last, RichProgressBar()],
-        default_root_dir=run_dir, log_every_n_steps=min(50, t.steps_per_epoch), num_sanity_val_steps=0,
+        default_root_dir=run.path, log_every_n_steps=min(50, t.steps_per_epoch), num_sanity_val_steps=0,
         enable_model_summary=False, deterministic=False,
     )
 
@@ -214,43 +206,47 @@ def train(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    accelerator = _accelerator(cfg)
+    accelerator = training_accelerator(cfg.train.accelerator)
     name = (Path(cfg.data.root).name if cfg.data.root else "demo") + time.strftime("-%Y%m%d-%H%M%S")
-    run_dir = prepare_run_dir(Path(output) if output else Path("runs") / name, resume)
-    cfg, plan, dataset = _setup_run(cfg, run_dir, resume, accelerator, plan)
-    if split is not None and not resume:
-        check_split(split, dataset)
-        if _rank_zero():
-            (run_dir / "split.json").write_text(json.dumps(split, indent=1))
-    precision = choose_precision(cfg, plan, accelerator)
+    run = RunFolder(Path(output) if output else Path("runs") / name).create(resume=resume, writer=_rank_zero())
+    cfg, plan, dataset = _setup_run(cfg, run, resume, accelerator, plan)
+    precision = _precision(cfg, plan, accelerator)
     console.print(plan_table(plan, precision, accelerator))
-    split = load_or_make_split(run_dir, dataset, cfg) if _rank_zero() else make_split(
-        [c.name for c in dataset.cases], cfg.seed, cfg.data.val_fraction, cfg.data.folds, cfg.data.fold)
-    console.print(f"split: {len(split['train'])} training / {len(split['val'])} validation cases (saved in {run_dir / 'split.json'})")
+    split = _choose_split(run, dataset, cfg, split, resume)
+    console.print(f"split: {len(split['train'])} training / {len(split['val'])} validation cases (saved in {run.split_path})")
     train_loader, val_loader = make_loaders(dataset, split, plan, cfg)
 
     from segment.train.module import SegmentationModule
 
     max_time_s = parse_duration(cfg.train.max_time)
     module = SegmentationModule(cfg.model_dump(mode="json"), plan.to_dict(), max_time_s=max_time_s)
-    trainer = _trainer(cfg, run_dir, precision, accelerator, max_time_s)
+    trainer = _trainer(cfg, run, precision, accelerator, max_time_s)
     t0 = time.monotonic()
-    last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
-    result = _finish(trainer, run_dir, plan, time.monotonic() - t0)
-    return result
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_checkpoint) if resume else None)
+    return _finish(trainer, run, time.monotonic() - t0)
 
 
-def merge_metrics(run_dir: Path) -> Path:
+def _precision(cfg: Config, plan: Plan, accelerator: str) -> str:
+    """`train.precision`, with 'auto' decided by the device policy on this network and one planned patch."""
+
+    def measure() -> float:
+        from segment.nets import build_model
+
+        torch.manual_seed(0)
+        example = torch.randn(1, plan.channels, *plan.patch_size)
+        return cpu_bf16_speedup(build_model(cfg.model), example, train=True)
+
+    return training_precision(cfg.train.precision, accelerator, measure)
+
+
+def merge_metrics(run: RunFolder) -> Path:
     """One `metrics.csv` in the run folder joining the logs of the first part and every resumed part."""
-    parts = sorted((run_dir / "logs").glob("metrics.csv")) + sorted((run_dir / "logs").glob("resume*/metrics.csv"),
-                                                                      key=lambda p: int(p.parent.name[6:] or 0))
     rows: list[dict] = []
-    for part in parts:
+    for part in run.metric_logs():
         with part.open(newline="") as f:
             rows.extend(csv.DictReader(f))
     fields = sorted({k for r in rows for k in r})
-    out = run_dir / "metrics.csv"
+    out = run / run.METRICS
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -258,23 +254,23 @@ def merge_metrics(run_dir: Path) -> Path:
     return out
 
 
-def _finish(trainer: pl.Trainer, run_dir: Path, plan: Plan, seconds: float) -> TrainResult:
+def _finish(trainer: pl.Trainer, run: RunFolder, seconds: float) -> TrainResult:
     """Plot curves, print the final per-class validation Dice, write summary.json."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_dice")}
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run.last_checkpoint
     summary = {
         "steps": trainer.global_step, "seconds": round(seconds, 1), "val_dice": metrics,
         "best_val_dice_mean": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
         "best_checkpoint": str(best) if best else None,
     }
     if trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run.write_summary(summary)
         try:
             from segment.evaluation.figures import plot_training_curves
 
-            plot_training_curves({"run": merge_metrics(run_dir)}, run_dir / "curves.png")
+            plot_training_curves({"run": merge_metrics(run)}, run / run.CURVES)
         except Exception as err:  # a plotting problem must not hide a finished training run
             console.print(f"[yellow]could not plot training curves: {err}[/]")
         table = Table(title=f"Validation Dice after {trainer.global_step} steps ({seconds / 60:.1f} min)")
@@ -283,5 +279,5 @@ def _finish(trainer: pl.Trainer, run_dir: Path, plan: Plan, seconds: float) -> T
         for key, value in metrics.items():
             table.add_row(key.removeprefix("val_dice_"), f"{value:.4f}")
         console.print(table)
-        console.print(f"run folder: {run_dir}  (best checkpoint: {best})")
-    return TrainResult(run_dir, best, last if last.is_file() else None, metrics, trainer.global_step, seconds)
+        console.print(f"run folder: {run.path}  (best checkpoint: {best})")
+    return TrainResult(run.path, best, last if last.is_file() else None, metrics, trainer.global_step, seconds)
