@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from monai.transforms import NormalizeIntensity
 
 from segment.data.plan import Plan
-from segment.errors import GeometryError, InputError
-from segment.io.image import Geometry, from_canonical, read_image, read_label, to_canonical
+from segment.errors import GeometryError
+from segment.io.case import read_case
+from segment.io.image import Geometry, from_canonical, to_canonical
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
@@ -88,14 +89,9 @@ def to_source_grid(canonical: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def load_case(images: Sequence[Path], label: Path | None, plan: Plan) -> dict:
     """Read and preprocess one case into the dict MONAI transforms expect ('image', optionally 'label', 'name')."""
-    if len(images) != plan.channels:
-        raise InputError(f"{images[0]}: case has {len(images)} channel file(s), the model expects {plan.channels}")
-    arrays, geometries = zip(*(read_image(p) for p in images))
-    geometry = geometries[0]
-    for path, g in zip(images[1:], geometries[1:]):
-        if not geometry.same_grid(g):
-            raise GeometryError(f"{path}: channel grid differs from {images[0]} (shape or affine)")
-    item = {"image": prepare_image(arrays, geometry, plan), "name": Path(images[0]).name, "geometry": geometry.to_dict()}
-    if label is not None:
-        item["label"] = prepare_label(read_label(label, reference=geometry), geometry, plan)
+    case = read_case(images, label, expected_channels=plan.channels)
+    item = {"image": prepare_image(case.channels, case.geometry, plan), "name": Path(images[0]).name,
+            "geometry": case.geometry.to_dict()}
+    if case.label is not None:
+        item["label"] = prepare_label(case.label, case.geometry, plan)
     return item

@@ -60,13 +60,14 @@ def choose_cases(dataset: Dataset, split: str, run_dir: Path | None, model: Path
 
 
 def read_case_arrays(case: Case) -> tuple[list[np.ndarray], Geometry, np.ndarray]:
-    """Channel images, their geometry, and the label checked to lie on the same grid."""
-    from segment.io.image import read_image, read_label
+    """Channel images, their geometry, and the label checked to lie on the same grid (the one case reader)."""
+    from segment.io.case import read_case
 
-    arrays, geometries = zip(*(read_image(p) for p in case.images))
     if case.label is None:
         raise InputError(f"case {case.name}: no label to evaluate against")
-    return list(arrays), geometries[0], read_label(case.label, reference=geometries[0])
+    data = read_case(case.images, case.label)
+    assert data.label is not None
+    return data.channels, data.geometry, data.label
 
 
 def predict_labels(predictor: Predictor, channels: list[np.ndarray], geometry: Geometry) -> np.ndarray:
