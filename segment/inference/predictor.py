@@ -6,7 +6,6 @@ probabilities are mapped back onto the scan's own grid, so a written label map h
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,11 +18,13 @@ from torch import nn
 
 from segment.config import Config
 from segment.data.plan import Plan
-from segment.data.preprocess import prepare_image, restore_probabilities, to_source_grid
+from segment.data.preprocess import canonical_grid, prepare_image, to_source_grid
 from segment.device import inference_dtype, resolve_device
 from segment.errors import GeometryError, InputError
-from segment.inference.sliding import softmax_probabilities
-from segment.io.image import Geometry, read_image, write_image, write_label
+from segment.inference.stream import predict_canonical_labels
+from segment.io.case import read_case
+from segment.io.geometry import Geometry
+from segment.io.nifti import check_target, nifti_geometry, to_nifti_image, write_image, write_label
 from segment.run_folder import read_checkpoint, resolve_checkpoint
 
 
@@ -91,101 +92,81 @@ class Predictor:
             raise InputError(f"{geometry.source}: image of shape {geometry.shape} is 2D (a single slice); "
                              "the model is 3D and needs a volume")
 
-    def _canonical_probabilities(self, channels: list[np.ndarray], geometry: Geometry) -> torch.Tensor:
-        """(K, *canonical source grid) probabilities on the predictor's device."""
+    def _canonical_probabilities(self, channels: list[np.ndarray], geometry: Geometry,
+                                 probabilities: type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(labels, probabilities of dtype `probabilities` or None) on the canonical source grid, as numpy arrays.
+
+        Streamed slab by slab (`segment.inference.stream`): never K x voxels floats at either resolution, so memory
+        is bounded by the label map (plus the probabilities only when asked for them).
+        """
         self._check_input(channels, geometry)
         x = prepare_image(channels, geometry, self.plan)[None].to(self.device)
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with torch.inference_mode(), autocast:
-            probs = softmax_probabilities(
-                self.model, x, self.plan.patch_size, overlap=self.overlap, sw_batch_size=self.config.predict.sw_batch_size,
-                blend=self.config.predict.blend, tta=self.tta, mirror_axes=self.plan.tta_axes(),
+            return predict_canonical_labels(
+                self.model, x, self.plan, canonical_grid(geometry).shape, overlap=self.overlap,
+                sw_batch_size=self.config.predict.sw_batch_size, blend=self.config.predict.blend, tta=self.tta,
+                mirror_axes=self.plan.tta_axes(), want_probabilities=probabilities is not None,
+                probability_dtype=probabilities or np.uint8,
             )
-        with torch.inference_mode():
-            return restore_probabilities(probs, geometry)
 
     def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry) -> np.ndarray:
-        """Class probabilities (K, *geometry.shape) on the scan's own grid."""
-        probs = self._canonical_probabilities([np.asarray(c) for c in channels], geometry)
-        return to_source_grid(probs.cpu().numpy(), geometry)
+        """Class probabilities (K, *geometry.shape) in float32 on the scan's own grid (K x voxels: for evaluation)."""
+        _, probs = self._canonical_probabilities([np.asarray(c) for c in channels], geometry, np.float32)
+        assert probs is not None
+        return to_source_grid(probs, geometry)
 
     def predict_labels(self, channels: list[np.ndarray], geometry: Geometry,
                        keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Label map on the scan's own grid (and, if asked, the probabilities it came from)."""
-        probs = self._canonical_probabilities([np.asarray(c) for c in channels], geometry)
-        labels = to_source_grid(probs.argmax(0).to(torch.uint8 if probs.shape[0] < 256 else torch.int32).cpu().numpy(),
-                                geometry)
+        """Label map on the scan's own grid (uint8; int16 from 256 classes) and, if asked, its probabilities.
+
+        The probabilities (K, *geometry.shape) are uint8 scaled to 0..255: p = value / 255 (a quarter of the float32
+        size; the label map itself is computed from the unrounded values).
+        """
+        labels, probs = self._canonical_probabilities([np.asarray(c) for c in channels], geometry,
+                                                      np.uint8 if keep_probabilities else None)
+        labels = to_source_grid(labels, geometry)
         if self.largest_component:
             labels = keep_largest_components(labels)
         if labels.shape != geometry.shape:
             raise GeometryError(f"{geometry.source}: prediction has shape {labels.shape}, the scan {geometry.shape}")
-        return labels, (to_source_grid(probs.cpu().numpy(), geometry) if keep_probabilities else None)
+        return labels, (to_source_grid(probs, geometry) if probs is not None else None)
 
     # ---- files --------------------------------------------------------------------------------------------
     def predict_file(self, images: list[Path] | Path, out: Path, *, overwrite: bool = False,
-                     probabilities: Path | None = None) -> dict[str, Any]:
-        """Segment one case (one file per channel) into `out`; returns timing and label volumes."""
-        paths = [Path(p) for p in (images if isinstance(images, (list, tuple)) else [images])]
+                     probabilities: Path | None = None, series: str | None = None) -> dict[str, Any]:
+        """Segment one case (one file per channel, or one 4D file) into `out`; returns timing and label volumes.
+
+        Outputs are checked before any compute (never an input, never a file segment did not write), then written
+        through a temporary file that is read back and checked before it replaces anything.
+        """
+        paths = tuple(Path(p) for p in (images if isinstance(images, (list, tuple)) else [images]))
         for target in [out] + ([probabilities] if probabilities else []):
-            check_target(Path(target), overwrite)
+            check_target(Path(target), overwrite, paths)
         t0 = time.perf_counter()
-        channels, geometry = read_case(paths)
-        labels, probs = self.predict_labels(channels, geometry, keep_probabilities=probabilities is not None)
-        written = write_label(labels, geometry, out, overwrite=overwrite)
-        check_written(written, geometry)
+        case = read_case(paths, expected_channels=self.plan.channels, series=series)
+        labels, probs = self.predict_labels(case.channels, case.geometry, keep_probabilities=probabilities is not None)
+        written = write_label(labels, case.geometry, out, overwrite=overwrite, inputs=paths)
         if probabilities is not None and probs is not None:
-            check_written(write_image(np.moveaxis(probs, 0, -1), geometry, probabilities, overwrite=overwrite), geometry)
+            write_image(np.moveaxis(probs, 0, -1), case.geometry, probabilities, overwrite=overwrite, inputs=paths)
         seconds = time.perf_counter() - t0
         return {
             "case": paths[0].name, "output": str(written), "seconds": seconds,
-            "voxels_per_s": float(np.prod(geometry.shape)) / max(seconds, 1e-9),
-            "volumes_ml": label_volumes(labels, geometry, self.label_names),
+            "voxels_per_s": float(np.prod(case.geometry.shape)) / max(seconds, 1e-9),
+            "volumes_ml": label_volumes(labels, case.geometry, self.label_names),
         }
 
     def predict_nifti(self, img: nib.Nifti1Image | str | Path) -> nib.Nifti1Image:
-        """A label image with exactly the input's shape and affine (sform and qform both set to it)."""
+        """A label image with exactly the input's shape and header (qform, sform, codes, units kept)."""
         if isinstance(img, (str, Path)):
-            array, geometry = read_image(img)
-            channels = [array]
+            case = read_case([img], expected_channels=self.plan.channels)
+            channels, geometry = case.channels, case.geometry
         else:  # a 4D image holds one channel per volume along its last axis
             array = np.asarray(img.dataobj, dtype=np.float32)
             channels = [array[..., i] for i in range(array.shape[3])] if array.ndim == 4 else [array]
-            geometry = Geometry.from_affine(img.affine, channels[0].shape, str(img.get_data_dtype()), "<in-memory image>")
+            geometry = nifti_geometry(img, channels[0].shape, "<in-memory image>")
         labels, _ = self.predict_labels(channels, geometry)
-        out = nib.Nifti1Image(labels, geometry.affine)
-        out.set_sform(geometry.affine, code=1)
-        out.set_qform(geometry.affine, code=1)
-        out.header.set_xyzt_units("mm")
-        return out
-
-
-def read_case(paths: list[Path]) -> tuple[list[np.ndarray], Geometry]:
-    """All channel files of one case; they must share one voxel grid."""
-    arrays, geometries = zip(*(read_image(p) for p in paths))
-    for path, g in zip(paths[1:], geometries[1:]):
-        if not geometries[0].same_grid(g):
-            raise GeometryError(f"{path}: channel grid differs from {paths[0]} ({geometries[0].difference(g)})")
-    return list(arrays), geometries[0]
-
-
-def check_target(path: Path, overwrite: bool) -> None:
-    """Refuse an output before spending minutes on the prediction: existing file, non-NIfTI name, unwritable folder."""
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        raise InputError(f"{path}: outputs are written as NIfTI; use a .nii.gz (or .nii) file name")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: output exists; pass --overwrite to replace it")
-    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: cannot write there ({folder} is not a writable folder)")
-
-
-def check_written(path: Path, geometry: Geometry) -> None:
-    """Re-read the written header: a file that does not sit on its scan's grid is removed, never left behind."""
-    header = nib.load(str(path))  # header only; a probability map is 4D, so not read_geometry
-    written = Geometry.from_affine(header.affine, tuple(header.shape[:3]), source=str(path))
-    if not written.same_grid(geometry, atol=1e-4):
-        path.unlink(missing_ok=True)
-        raise GeometryError(f"{path}: written grid differs from {geometry.source} ({written.difference(geometry)}); removed")
+        return to_nifti_image(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16), geometry)
 
 
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:
@@ -207,7 +188,7 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
 
 def label_volumes(labels: np.ndarray, geometry: Geometry, names: dict[int, str]) -> dict[str, float]:
     """Volume in millilitres of every foreground class."""
-    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    voxel_ml = geometry.voxel_volume_mm3 / 1000.0  # |det|: right for oblique and sheared grids
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(names))
     return {names.get(i, f"class_{i}"): float(counts[i]) * voxel_ml for i in range(1, len(counts))}
 

@@ -1,0 +1,248 @@
+"""Label maps on the scan's canonical grid without ever holding K x (whole volume) floats (issue 15).
+
+The plain path (`softmax_probabilities` + `restore_probabilities` + argmax) keeps every class probability of the whole
+volume twice: at network resolution and again after resizing to the scan's grid; for a 104-class CT at 512x512x600
+that is over 60 GB. Here the network grid is cut into slabs along its longest axis. For each slab only the windows of
+MONAI's window grid that overlap it are run, and blended exactly as `sliding_window_inference` blends them (a voxel
+only ever receives weight from windows that cover it, so the slab's voxels get the same sums); with TTA each mirroring
+uses the window grid MONAI would lay on the mirrored image. The slab's probabilities are then resampled (trilinear,
+align_corners=False, as `preprocess._resize`) to the canonical rows they feed, a chunk at a time, and reduced to labels
+at once. Memory is the label map plus one slab and one chunk, bounded by SLAB_BYTES rather than by the volume.
+
+Windows that straddle a slab border are run once per slab they touch; slabs are never thinner than half a patch, so
+that costs at most ~2x the network time in the worst case, and nothing when one slab holds the whole volume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data.utils import dense_patch_slices
+from torch import Tensor, nn
+
+from segment.data.plan import Plan
+from segment.inference.sliding import _weight_map, flip_sets, softmax_probabilities, window_batch
+
+SLAB_BYTES = 512 * 2**20  # fp32 class scores held per slab (and per resampled chunk)
+
+Corner = tuple[int, ...]
+
+
+def num_classes(model: nn.Module, x: Tensor, roi: Sequence[int]) -> int:
+    """K from the model's config, else from one forward pass on a window (a bare nn.Module has no config)."""
+    k = getattr(getattr(model, "cfg", None), "out_channels", None)
+    if k is not None:
+        return int(k)
+    return int(model(_crop(x, (0,) * len(roi), roi)).shape[1])
+
+
+def window_corners(shape: Sequence[int], roi: Sequence[int], overlap: float, flipped: Sequence[int] = ()) -> list[Corner]:
+    """MONAI's window grid for the image mirrored along `flipped` (spatial axes), as corners in the unmirrored image.
+
+    `sliding_window_inference` pads an image smaller than the window (half before, the rest after) and lays windows
+    from `dense_patch_slices`; a corner is negative where a window starts in that padding.
+    """
+    padded = [max(int(n), int(r)) for n, r in zip(shape, roi)]
+    interval = [r if r == p else max(1, int(r * (1 - overlap))) for r, p in zip(roi, padded)]
+    corners = []
+    for window in dense_patch_slices(padded, list(roi), interval):
+        corner = []
+        for axis, (s, n, r, p) in enumerate(zip(window, shape, roi, padded)):
+            before = (p - n) // 2  # MONAI's padding of the (mirrored) image
+            corner.append(n - r - s.start + before if axis in flipped else s.start - before)
+        corners.append(tuple(corner))
+    return corners
+
+
+def _crop(x: Tensor, corner: Corner, roi: Sequence[int]) -> Tensor:
+    """The (N, C, *roi) window at `corner`, zero where it leaves the image (MONAI pads with constant 0)."""
+    src = tuple(slice(max(c, 0), min(c + r, n)) for c, r, n in zip(corner, roi, x.shape[2:]))
+    window = x[(slice(None), slice(None), *src)]
+    if tuple(window.shape[2:]) == tuple(roi):
+        return window
+    out = x.new_zeros((*x.shape[:2], *roi))
+    out[(slice(None), slice(None), *(slice(s.start - c, s.stop - c) for s, c in zip(src, corner)))] = window
+    return out
+
+
+def _overlap(corner: Corner, roi: Sequence[int], shape: Sequence[int], axis: int, lo: int,
+             hi: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(slab slices, window slices) of the part of a window inside the image and inside rows [lo, hi) of `axis`."""
+    dst, src = [], []
+    for d, (c, r, n) in enumerate(zip(corner, roi, shape)):
+        start, stop, offset = max(c, 0), min(c + r, n), 0
+        if d == axis:
+            start, stop, offset = max(start, lo), min(stop, hi), lo
+        dst.append(slice(start - offset, stop - offset))
+        src.append(slice(start - c, stop - c))
+    return tuple(dst), tuple(src)
+
+
+def blended_slab(model: nn.Module, x: Tensor, roi: Sequence[int], corners: list[Corner], flipped: Sequence[int],
+                 axis: int, lo: int, hi: int, *, sw_batch_size: int, blend: str) -> Tensor:
+    """Blended logits (K, *slab) of rows [lo, hi) along `axis`: what MONAI gives there for the whole (mirrored) image."""
+    shape = tuple(x.shape[2:])
+    slab = tuple(hi - lo if d == axis else n for d, n in enumerate(shape))
+    dims = [2 + d for d in flipped]
+    weight = _weight_map(tuple(roi), blend, str(x.device))
+    weight = weight.flip([d - 2 for d in dims]) if dims else weight
+    hits = [c for c in corners if c[axis] < hi and c[axis] + roi[axis] > lo]
+    acc: Tensor | None = None
+    count = torch.zeros((1, *slab), device=x.device, dtype=torch.float32)
+    for k in range(0, len(hits), sw_batch_size):
+        group = hits[k:k + sw_batch_size]
+        batch = torch.cat([_crop(x, c, roi) for c in group])
+        logits = model(batch.flip(dims) if dims else batch).float()
+        logits = logits.flip(dims) if dims else logits
+        if acc is None:
+            acc = torch.zeros((logits.shape[1], *slab), device=x.device, dtype=torch.float32)
+        for corner, window in zip(group, logits):
+            dst, src = _overlap(corner, roi, shape, axis, lo, hi)
+            acc[(slice(None), *dst)] += window[(slice(None), *src)] * weight[src]
+            count[(slice(None), *dst)] += weight[src]
+    assert acc is not None  # every row lies in some window
+    return acc.div_(count)
+
+
+def _softmax_(logits: Tensor) -> Tensor:
+    """Softmax over axis 0 in place: a slab's logits are the biggest tensor here, so no second copy is made."""
+    logits.sub_(logits.amax(0, keepdim=True)).exp_()
+    return logits.div_(logits.sum(0, keepdim=True))
+
+
+def slab_probabilities(model: nn.Module, x: Tensor, roi: Sequence[int], grids: dict[tuple[int, ...], list[Corner]],
+                       axis: int, lo: int, hi: int, *, sw_batch_size: int, blend: str) -> Tensor:
+    """Probabilities (K, *slab) of rows [lo, hi), averaged over the mirrorings in `grids` (spatial axes -> corners)."""
+    total: Tensor | None = None
+    for flipped, corners in grids.items():
+        probs = _softmax_(blended_slab(model, x, roi, corners, flipped, axis, lo, hi,
+                                       sw_batch_size=sw_batch_size, blend=blend))
+        total = probs if total is None else total.add_(probs)
+    assert total is not None
+    return total.div_(len(grids)) if len(grids) > 1 else total
+
+
+def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows and weight of each output row of a 1D linear resize, as `F.interpolate(align_corners=False)`."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+
+
+class CanonicalWriter:
+    """Takes network-grid probabilities slab by slab (in order along `axis`) and fills the canonical label map.
+
+    A canonical row is written once both network rows it interpolates between have arrived; the last network row
+    of a slab is carried over to the next, so no slab needs a margin.
+    """
+
+    def __init__(self, k: int, grid: Sequence[int], out_shape: Sequence[int], axis: int, *,
+                 probabilities: np.dtype | None = None) -> None:
+        self.k, self.grid, self.out_shape, self.axis = k, tuple(grid), tuple(int(n) for n in out_shape), axis
+        self.labels = np.zeros(self.out_shape, np.uint8 if k < 256 else np.int16)
+        self.probabilities = None if probabilities is None else np.zeros((k, *self.out_shape), probabilities)
+        self.i0, self.i1, self.lam = linear_taps(self.grid[axis], self.out_shape[axis])
+        self.cross = tuple(n for d, n in enumerate(self.out_shape) if d != axis)
+        cross_in = math.prod(n for d, n in enumerate(self.grid) if d != axis)
+        self.chunk = max(1, SLAB_BYTES // (4 * k * (3 * cross_in + math.prod(self.cross))))
+        self.done, self.carry = 0, None  # next canonical row; last network row seen, as a (K, ..., 1, ...) tensor
+
+    def add(self, probs: Tensor, lo: int) -> None:
+        """Network rows [lo, lo + n) of the probabilities (K, *slab); writes every canonical row they complete."""
+        a = 1 + self.axis
+        hi = lo + probs.shape[a]
+        base = lo if self.carry is None else lo - 1
+        rows = probs if self.carry is None else torch.cat([self.carry, probs], dim=a)
+        end = self.out_shape[self.axis] if hi == self.grid[self.axis] else int(np.searchsorted(self.i1, hi))
+        for j0 in range(self.done, end, self.chunk):
+            self._write(rows, base, j0, min(end, j0 + self.chunk))
+        self.done, self.carry = end, rows.narrow(a, rows.shape[a] - 1, 1).clone()
+
+    def _write(self, rows: Tensor, base: int, j0: int, j1: int) -> None:
+        a = 1 + self.axis
+        take = [torch.as_tensor(i[j0:j1] - base, device=rows.device) for i in (self.i0, self.i1)]
+        lam = torch.as_tensor(self.lam[j0:j1], device=rows.device).view([-1 if d == a else 1 for d in range(rows.ndim)])
+        p = rows.index_select(a, take[0]) * (1 - lam) + rows.index_select(a, take[1]) * lam
+        p = p.movedim(a, 0)  # (rows, K, *cross): the two other axes are resized together, bilinearly
+        if tuple(p.shape[2:]) != self.cross:
+            p = F.interpolate(p, size=self.cross, mode="bilinear", align_corners=False)
+        index = tuple(slice(j0, j1) if d == self.axis else slice(None) for d in range(len(self.out_shape)))
+        self.labels[index] = p.argmax(1).movedim(0, self.axis).cpu().numpy()
+        if self.probabilities is not None:
+            q = p.movedim(0, a)
+            if self.probabilities.dtype == np.uint8:
+                q = q.mul(255).round_().to(torch.uint8)
+            self.probabilities[(slice(None), *index)] = q.cpu().numpy()
+
+
+def slab_rows(k: int, grid: Sequence[int], roi: Sequence[int], axis: int, *, copies: int = 1, step: int = 1,
+              slab_voxels: int | None = None) -> int:
+    """Rows per slab: as many as keep `copies` fp32 K-class slabs under SLAB_BYTES, but at least half a patch.
+
+    A window crossing a slab border is run for each slab it touches: with windows `step` rows apart, a slab of
+    m * step rows starting on the window grid meets m + 1 rows of windows, an unaligned one about m + 2, so rows are
+    rounded down to a multiple of `step`. Thinner slabs would re-run windows more often than the memory they save is
+    worth (network time ~ 1 + patch / (2 * rows) at 50% overlap). `slab_voxels` overrides the budget (tests).
+    """
+    cross = math.prod(n for d, n in enumerate(grid) if d != axis)
+    if slab_voxels is not None:
+        return max(1, min(grid[axis], int(slab_voxels) // cross))
+    rows = max(SLAB_BYTES // (4 * k * cross * copies), math.ceil(roi[axis] / 2))
+    if rows >= grid[axis]:
+        return grid[axis]
+    return max(1, rows // step * step if rows >= step else rows)
+
+
+def predict_canonical_labels(
+    model: nn.Module,
+    x: Tensor,
+    plan: Plan,
+    out_shape: Sequence[int],
+    *,
+    overlap: float,
+    sw_batch_size: int | None,
+    blend: str,
+    tta: bool,
+    mirror_axes: Sequence[int] | None,
+    slab_voxels: int | None = None,
+    want_probabilities: bool = False,
+    probability_dtype: type = np.uint8,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels on the canonical grid `out_shape` (uint8, int16 from 256 classes) for the network input x (1, C, *grid).
+
+    With `want_probabilities`, also the probabilities (K, *out_shape) as uint8 (p = value / 255), or as
+    `probability_dtype` float32 where exact values are needed. Call under `torch.inference_mode()` (and autocast, if
+    any); resampling and argmax run in fp32 whatever the autocast.
+    """
+    roi = tuple(int(p) for p in plan.patch_size)
+    grid = tuple(int(n) for n in x.shape[2:])
+    axis = int(np.argmax(grid))  # the longest axis: the thinnest cross-section, so the most rows per slab
+    want = np.dtype(probability_dtype) if want_probabilities else None
+    batch = window_batch(sw_batch_size, x.device)
+    if getattr(getattr(model, "cfg", None), "padding", "same") == "valid":
+        # Valid-padded networks place their smaller outputs on their own tiling (segment.inference.tiler), which
+        # this module does not slab yet: their probabilities come whole at network resolution (K x network grid),
+        # and only the resize to the scan's grid (the larger half) is streamed.
+        probs = softmax_probabilities(model, x, roi, overlap=overlap, sw_batch_size=batch, blend=blend, tta=tta,
+                                      mirror_axes=mirror_axes)
+        writer = CanonicalWriter(probs.shape[0], grid, out_shape, axis, probabilities=want)
+        with torch.autocast(x.device.type, enabled=False):
+            writer.add(probs.float(), 0)
+        return writer.labels, writer.probabilities
+    flips = flip_sets(len(grid), mirror_axes) if tta else [()]
+    grids = {tuple(d - 2 for d in f): window_corners(grid, roi, overlap, [d - 2 for d in f]) for f in flips}
+    k = num_classes(model, x, roi)
+    step = max(1, int(roi[axis] * (1 - overlap)))  # MONAI's window interval
+    rows = slab_rows(k, grid, roi, axis, copies=1 if len(grids) == 1 else 2, step=step, slab_voxels=slab_voxels)
+    writer = CanonicalWriter(k, grid, out_shape, axis, probabilities=want)
+    for lo in range(0, grid[axis], rows):
+        hi = min(grid[axis], lo + rows)
+        probs = slab_probabilities(model, x, roi, grids, axis, lo, hi, sw_batch_size=batch, blend=blend)
+        with torch.autocast(x.device.type, enabled=False):
+            writer.add(probs, lo)
+    return writer.labels, writer.probabilities
