@@ -103,14 +103,18 @@ def predict(
     overlap: Annotated[Optional[float], typer.Option(help="sliding-window overlap (0..1)")] = None,
     largest_component: Annotated[bool, typer.Option("--largest-component", help="keep the largest component per class")] = False,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="also write class probabilities")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing outputs")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace earlier outputs of segment (never other files)")] = False,
+    series: Annotated[Optional[str], typer.Option(help="DICOM folder with several series: which one (UID, its start/end, or "
+                                                       "the number in the listed order)")] = None,
+    debug: Annotated[bool, typer.Option("--debug", "-v", help="print the traceback of a failed case")] = False,
 ) -> None:
-    """Segment scans; each output has exactly its scan's shape and affine."""
+    """Segment scans; each output has exactly its scan's shape and header."""
     from segment.inference.batch import run_predict
 
     code = run_predict(
         inputs, output=output, model=model, device=device, tta=tta, overlap=overlap,
         largest_component=largest_component, save_probabilities=save_probabilities, overwrite=overwrite,
+        series=series, debug=debug,
     )
     raise typer.Exit(code)
 

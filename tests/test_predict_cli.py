@@ -14,7 +14,7 @@ from segment.cli import app
 from segment.config import Config, ModelConfig
 from segment.data.plan import Plan
 from segment.errors import InputError
-from segment.inference.batch import expand_inputs
+from segment.inference.batch import expand_inputs, group_numbered
 from segment.inference.predictor import Predictor, resolve_checkpoint
 from segment.nets import build_model
 
@@ -119,14 +119,22 @@ def test_newest_run_is_the_default_model(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_expand_groups_channels_and_skips_outputs(tmp_path: Path) -> None:
-    for name in ("p1_0000", "p1_0001", "p2_0000", "p2_0001"):
+    for name in ("p1_0000", "p1_0001", "p2_0000", "p2_0001", "s_0001", "s_0002"):
         (tmp_path / f"{name}.nii.gz").touch()
     (tmp_path / "p1_seg.nii.gz").touch()
     (tmp_path / "notes.txt").touch()
-    cases, problems = expand_inputs([str(tmp_path), str(tmp_path / "nothing*.nii.gz")])
+    files, dicom, problems = expand_inputs([str(tmp_path), str(tmp_path / "nothing*.nii.gz")])
+    assert not dicom and list(problems) == [str(tmp_path / "nothing*.nii.gz")]
+    # a two-channel model: numbers running _0000.._0001 are channels; s_0001/s_0002 do not start at 0000
+    cases, note = group_numbered(files, channels=2)
     assert {c.name: [p.name for p in c.images] for c in cases} == {
-        "p1": ["p1_0000.nii.gz", "p1_0001.nii.gz"], "p2": ["p2_0000.nii.gz", "p2_0001.nii.gz"]}
-    assert list(problems) == [str(tmp_path / "nothing*.nii.gz")]
+        "p1": ["p1_0000.nii.gz", "p1_0001.nii.gz"], "p2": ["p2_0000.nii.gz", "p2_0001.nii.gz"],
+        "s_0001": ["s_0001.nii.gz"], "s_0002": ["s_0002.nii.gz"]}
+    assert "grouped as the 2 channels" in note
+    # a one-channel model: every numbered file is a scan of its own (a series export, not channels)
+    cases, note = group_numbered(files, channels=1)
+    assert sorted(c.name for c in cases) == ["p1_0000", "p1_0001", "p2_0000", "p2_0001", "s_0001", "s_0002"]
+    assert all(len(c.images) == 1 for c in cases) and "separate scans" in note
 
 
 def test_python_api_and_unwritable_output(tmp_path: Path) -> None:

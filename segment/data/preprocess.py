@@ -23,8 +23,12 @@ from segment.io.image import Geometry, from_canonical, to_canonical
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
-    """Voxel count along each axis after resampling from `spacing` to `target` (mm), at least 1."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+    """Voxel count along each axis after resampling from `spacing` to `target` (mm), at least 1.
+
+    Halves round up, after rounding away float32 header noise: 101 voxels of 3 mm at 6 mm is 50.5 -> 51, whether
+    the header says 3.0 mm or 0.003 m (= 3.00000003 mm). Python's round() would give 50 for one and 51 for the other.
+    """
+    return tuple(max(1, int(np.floor(round(n * s / t, 4) + 0.5))) for n, s, t in zip(shape, spacing, target))
 
 
 def _resize(x: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:

@@ -50,22 +50,40 @@ def _is_output(stem: str) -> bool:
     return stem.endswith(OUTPUT_TAGS)
 
 
-def _group(files: list[Path]) -> list[ScanCase]:
-    """Files -> cases; `X_0000`, `X_0001`... of one folder form one multi-channel case when every file there is named so."""
-    by_folder: dict[Path, list[Path]] = {}
-    for f in files:
-        by_folder.setdefault(f.parent, []).append(f)
+def group_numbered(files: list[Path], channels: int) -> tuple[list[ScanCase], str]:
+    """Files -> cases, and a sentence saying how numbered files were grouped.
+
+    `X_0000`, `X_0001`, ... of one folder are the channels of one case only when the model has that many channels and
+    the numbers run 0000..C-1; for a one-channel model (or numbers that do not fit) each file is a scan of its own —
+    `scan_0001` and `scan_0002` from a series export are two scans, not two channels.
+    """
     cases: list[ScanCase] = []
-    for folder, members in by_folder.items():
-        stems = {f: _stem(f) or f.name for f in members}
-        channels = all(_CHANNEL.match(s) for s in stems.values())
-        grouped: dict[str, list[tuple[int, Path]]] = {}
-        for f, s in stems.items():
-            m = _CHANNEL.match(s)
-            name, channel = (m.group(1), int(m.group(2))) if channels and m else (s, 0)
-            grouped.setdefault(name, []).append((channel, f))
-        cases += [ScanCase(n, [f for _, f in sorted(g)], folder) for n, g in grouped.items()]
-    return cases
+    grouped_any = separate_any = False
+    for folder in dict.fromkeys(f.parent for f in files):
+        members = [f for f in files if f.parent == folder]
+        by_base: dict[str, dict[int, Path]] = {}
+        for f in members:
+            m = _CHANNEL.match(_stem(f) or f.name)
+            if m and channels > 1:
+                by_base.setdefault(m.group(1), {})[int(m.group(2))] = f
+        for f in members:
+            m = _CHANNEL.match(_stem(f) or f.name)
+            group = by_base.get(m.group(1)) if m and channels > 1 else None
+            if group is not None and sorted(group) == list(range(channels)):
+                if f == group[0]:
+                    cases.append(ScanCase(m.group(1), [group[c] for c in range(channels)], folder))
+                    grouped_any = True
+            else:
+                cases.append(ScanCase(_stem(f) or f.name, [f], folder))
+                separate_any = separate_any or bool(m)
+    if grouped_any:
+        note = f"numbered files _0000.._{channels - 1:04d} grouped as the {channels} channels of one case"
+    elif separate_any:
+        note = (f"numbered files (_0000, _0001, ...) taken as separate scans: the model has {channels} channel(s)"
+                + ("" if channels == 1 else f" and their numbers do not run _0000.._{channels - 1:04d}"))
+    else:
+        note = ""
+    return cases, note
 
 
 def _from_folder(folder: Path) -> tuple[list[Path], list[ScanCase]]:
@@ -77,8 +95,8 @@ def _from_folder(folder: Path) -> tuple[list[Path], list[ScanCase]]:
     return [], [ScanCase(folder.name, [folder], folder.parent)]
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[ScanCase], dict[str, str]]:
-    """Files, folders, globs and DICOM folders -> cases, plus {input: problem} for inputs that gave nothing."""
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
+    """Files, folders, globs and DICOM folders -> (image files, DICOM folder cases, {input: problem})."""
     files: list[Path] = []
     cases: list[ScanCase] = []
     problems: dict[str, str] = {}
@@ -94,8 +112,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[ScanCase], dict[str, str]]:
                 cases += dicom
             else:
                 files.append(path)
-    unique = list(dict.fromkeys(p.resolve() for p in files))
-    return _group(unique) + cases, problems
+    return list(dict.fromkeys(p.resolve() for p in files)), cases, problems
 
 
 def output_paths(cases: list[ScanCase], output: Path | None, probabilities: bool) -> dict[str, tuple[Path, Path | None]]:
@@ -124,18 +141,25 @@ def _summary(result: dict) -> str:
 
 
 def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | None, device: str, tta: bool,
-                overlap: float | None, largest_component: bool, save_probabilities: bool, overwrite: bool) -> int:
+                overlap: float | None, largest_component: bool, save_probabilities: bool, overwrite: bool,
+                series: str | None = None, debug: bool = False) -> int:
     """Segment every case; 0 when all succeeded, 1 when any input or case failed (all are listed at the end)."""
     from segment.inference.predictor import Predictor
     from segment.run_folder import resolve_checkpoint
 
     console = Console(highlight=False, soft_wrap=True)
-    cases, failures = expand_inputs(list(inputs))
-    if not cases:
+    files, dicom_cases, failures = expand_inputs(list(inputs))
+    if not files and not dicom_cases:
         for message in failures.values():
             console.print(f"[red]failed[/] {escape(message)}")
         console.print("nothing to segment")
         return 1
+    ckpt = resolve_checkpoint(model)
+    predictor = Predictor.from_checkpoint(ckpt, device, overlap=overlap, tta=tta, largest_component=largest_component)
+    cases, note = group_numbered(files, predictor.plan.channels)
+    cases += dicom_cases
+    if note:
+        console.print(note)
     targets = output_paths(cases, Path(output) if output is not None else None, save_probabilities)
     seen: dict[Path, str] = {}
     for case in cases:
@@ -145,15 +169,13 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
         seen.setdefault(seg, case.key)
     todo = [c for c in cases if c.key not in failures]
     if todo:
-        ckpt = resolve_checkpoint(model)
-        predictor = Predictor.from_checkpoint(ckpt, device, overlap=overlap, tta=tta, largest_component=largest_component)
         console.print(f"model {escape(str(ckpt))} on {predictor.device} ({len(todo)} case(s))")
         if tta:
             axes = predictor.plan.tta_axes()
             console.print(f"--tta: mirroring axes {axes} (those the model was trained to mirror)" if axes else
                           "[yellow]--tta: this model was trained without mirroring (data.augment.mirror_axes=[]), "
                           "so there is nothing to mirror; predicting without TTA[/]")
-        _run_cases(predictor, todo, targets, overwrite, failures, console)
+        _run_cases(predictor, todo, targets, overwrite, failures, console, series=series, debug=debug)
     for message in failures.values():
         console.print(f"[red]failed[/] {escape(message)}")
     console.print(f"{len(todo) - sum(c.key in failures for c in todo)} of {len(cases)} case(s) segmented"
@@ -162,8 +184,11 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
 
 
 def _run_cases(predictor: Predictor, cases: list[ScanCase], targets: dict[str, tuple[Path, Path | None]], overwrite: bool,
-               failures: dict[str, str], console: Console) -> None:
-    """Predict case by case under one progress bar; an error is recorded and the next case goes on."""
+               failures: dict[str, str], console: Console, *, series: str | None = None, debug: bool = False) -> None:
+    """Predict case by case under one progress bar; any error is one line for that case, and the next case goes on.
+
+    `debug` adds the traceback (for bug reports); without it no failure of one case prints more than one line.
+    """
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("segmenting", total=len(cases))
@@ -171,12 +196,23 @@ def _run_cases(predictor: Predictor, cases: list[ScanCase], targets: dict[str, t
             progress.update(task, description=f"segmenting {escape(case.name)}")
             seg, prob = targets[case.key]
             try:
-                result = predictor.predict_file(case.images, seg, overwrite=overwrite, probabilities=prob)
+                result = predictor.predict_file(case.images, seg, overwrite=overwrite, probabilities=prob, series=series)
                 progress.console.print(_summary(result))
-            except SegmentError as err:
-                failures[case.key] = str(err)
-                progress.console.print(f"[red]error[/] {escape(str(err))}")
-            except (RuntimeError, OSError, ValueError, MemoryError) as err:  # e.g. out of memory on a huge scan
-                failures[case.key] = f"{case.images[0]}: {type(err).__name__}: {err}"
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # noqa: BLE001 - one bad case (or an out-of-memory) never ends the batch
+                failures[case.key] = case_error(case, err)
                 progress.console.print(f"[red]error[/] {escape(failures[case.key])}")
+                if debug:
+                    progress.console.print_exception()
             progress.advance(task)
+
+
+def case_error(case: ScanCase, err: BaseException) -> str:
+    """One line naming the case's file and the problem (our own errors already name the file)."""
+    if isinstance(err, SegmentError):
+        return str(err).replace("\n", " ")
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, MemoryError) or "out of memory" in text.lower():
+        text = f"out of memory ({text or 'MemoryError'}); try --device cpu, a smaller --overlap or a machine with more memory"
+    return f"{case.images[0]}: {type(err).__name__}: {text[:300]}"

@@ -99,11 +99,11 @@ def check_target(path: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> 
     if any(resolved == Path(p).resolve() for p in inputs):
         raise InputError(f"{path}: this is an input of the same case; refusing to write over it")
     if path.exists():
+        if not is_our_output(path):
+            raise InputError(f"{path}: exists and was not written by segment (e.g. a ground-truth label); it is never "
+                             "replaced, even with --overwrite; choose another -o")
         if not overwrite:
             raise InputError(f"{path}: file exists; pass --overwrite to replace it")
-        if not is_our_output(path):
-            raise InputError(f"{path}: exists and was not written by segment (e.g. a ground-truth label); refusing to "
-                             "replace it even with --overwrite; choose another -o")
     folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
     if not folder.is_dir():
         raise InputError(f"{folder}: cannot create output folder for {path.name} (it is a file, not a writable folder)")
