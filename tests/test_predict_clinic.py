@@ -305,3 +305,42 @@ def test_real_ct_with_rewritten_headers(real_ct_mr: Path, tmp_path: Path, kind: 
     if kind != "codes_zero":  # codes 0 has no world position to compare
         assert 0.01 < np.asarray(original.dataobj).mean() < 0.99
         np.testing.assert_array_equal(got, np.asarray(original.dataobj))
+
+
+def test_dicom_folder_with_two_series_through_the_cli(tmp_path: Path) -> None:
+    from tests.test_dicom import UID_A, write_series
+
+    folder = tmp_path / "export"
+    data = (_ball((12, 10, 6)) * 2).astype(np.int16)  # stored values; the series' rescale maps them to HU
+    write_series(folder, data, uid=UID_A, description="AX CT", number=1)
+    write_series(folder, data[::-1].copy(), uid=UID_A + ".9", description="LOCALIZER", number=2, prefix="LOC")
+    ckpt = make_checkpoint(tmp_path / "model.ckpt", modality="ct", spacing=[3.0, 3.0, 3.0])
+    out = tmp_path / "seg.nii.gz"
+    refused = runner.invoke(app, ["predict", str(folder), "-m", str(ckpt), "-o", str(out)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    line = next(ln for ln in refused.output.splitlines() if ln.startswith("failed"))
+    assert f"{folder}: 2 DICOM series found; pick one with --series" in line
+    assert "AX CT" in refused.output and "LOCALIZER" in refused.output and not out.exists()
+    picked = runner.invoke(app, ["predict", str(folder), "-m", str(ckpt), "-o", str(out), "--series", "1"])
+    assert picked.exit_code == 0, picked.output
+    assert nib.load(out).shape == (12, 10, 6)
+
+
+def test_out_of_memory_on_one_case_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from segment.inference.predictor import Predictor
+
+    ckpt = make_checkpoint(tmp_path / "model.ckpt")
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(_ball(), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    real = Predictor.predict_labels
+
+    def flaky(self: Predictor, channels: list, geometry: object, keep_probabilities: bool = False):  # noqa: ANN202
+        if str(getattr(geometry, "source", "")).endswith("a.nii.gz"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, channels, geometry, keep_probabilities)
+
+    monkeypatch.setattr(Predictor, "predict_labels", flaky)
+    result = runner.invoke(app, ["predict", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "-m", str(ckpt)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (tmp_path / "b_seg.nii.gz").is_file() and not (tmp_path / "a_seg.nii.gz").exists()
+    assert "a.nii.gz: OutOfMemoryError: out of memory" in result.output.replace("\n", " ")

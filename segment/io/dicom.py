@@ -88,7 +88,7 @@ def _select(folder: Path, found: _Found, series: str | None) -> tuple[SeriesInfo
     if series is None:
         if len(found) == 1:
             return found[0]
-        raise InputError(f"{folder}: {len(found)} DICOM series found; pick one with series= (its number, its "
+        raise InputError(f"{folder}: {len(found)} DICOM series found; pick one with --series (its number, its "
                          f"SeriesInstanceUID or a unique start or end of it): {choices}")
     key = str(series).strip()
     exact = [entry for entry in found if entry[0].uid == key]
