@@ -10,6 +10,7 @@ got the same label from both paths.
 
     python benchmarks/predict_memory.py           # 3 classes 35x50x36, 104 classes 256x256x128 (a few minutes on 2 cores)
     python benchmarks/predict_memory.py --big     # also 104 classes 512x512x600 at 0.8x0.8x1.5 mm (streamed only)
+    python benchmarks/predict_memory.py --device cuda --big   # on a GPU; adds the peak GPU memory of each cell
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _status_mb(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def child(row: str, path: str, out: Path) -> None:
+def child(row: str, path: str, out: Path, device: str) -> None:
     """One cell: preprocess, then time one prediction to canonical labels; prints a JSON line."""
     import torch
 
@@ -55,12 +56,12 @@ def child(row: str, path: str, out: Path) -> None:
 
     spec = ROWS[row]
     torch.manual_seed(0)
-    model = build_model(ModelConfig(features=FEATURES, out_channels=spec["classes"])).eval()
+    model = build_model(ModelConfig(features=FEATURES, out_channels=spec["classes"])).eval().to(device)
     plan = Plan(spacing=[spec["plan"]] * 3, patch_size=spec["patch"], batch_size=2, features=FEATURES, modality="mri",
                 channels=1, labels={i: f"c{i}" for i in range(spec["classes"])})
     geometry = Geometry.from_affine(np.diag([*spec["spacing"], 1.0]), spec["shape"], source=row)
     image = np.random.default_rng(0).normal(size=spec["shape"]).astype(np.float32)
-    x = prepare_image([image], geometry, plan)[None]
+    x = prepare_image([image], geometry, plan)[None].to(device)
     del image
     out_shape = canonical_grid(geometry).shape
     before = _status_mb("VmRSS")
@@ -71,10 +72,13 @@ def child(row: str, path: str, out: Path) -> None:
                                                  blend="gaussian", tta=False, mirror_axes=None)
         else:
             probs = softmax_probabilities(model, x, plan.patch_size, overlap=0.5, blend="gaussian")
-            labels = restore_probabilities(probs, geometry).argmax(0).to(torch.uint8).numpy()
+            labels = restore_probabilities(probs, geometry).argmax(0).to(torch.uint8).cpu().numpy()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if x.is_cuda else None
     np.save(out, labels)
-    print(json.dumps({"seconds": seconds, "peak_mb": _status_mb("VmHWM"), "before_mb": before,
+    print(json.dumps({"seconds": seconds, "peak_mb": _status_mb("VmHWM"), "before_mb": before, "gpu_mb": gpu_mb,
                       "grid": list(x.shape[2:]), "out": list(out_shape)}))
 
 
@@ -92,9 +96,10 @@ def available_bytes() -> int:
     return 0
 
 
-def run_cell(row: str, path: str, folder: Path) -> dict:
+def run_cell(row: str, path: str, folder: Path, device: str = "cpu") -> dict:
     out = folder / f"{row}_{path}.npy"
-    done = subprocess.run([sys.executable, __file__, "--child", row, path, str(out)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--child", row, path, str(out), "--device", device],
+                          check=False, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"labels": out}
@@ -104,13 +109,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--big", action="store_true", help="add the 104-class 512x512x600 CT (streamed path only if the "
                                                        "all-classes one does not fit in memory)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (then the GPU peak is reported too)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], Path(args.child[2]))
+        child(args.child[0], args.child[1], Path(args.child[2]), args.device)
         return
     rows = ["small", "ct"] + (["big"] if args.big else [])
-    header = f"{'case':<44} {'path':<12} {'seconds':>8} {'peak RSS MB':>12} {'extra MB':>9} {'same labels':>12}"
+    header = f"{'case':<56} {'path':<12} {'seconds':>8} {'peak RSS MB':>12} {'extra MB':>9} {'same labels':>12}"
+    header += f" {'GPU MB':>8}" if args.device.startswith("cuda") else ""
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,10 +125,10 @@ def main() -> None:
             spec = ROWS[row]
             name = (f"{spec['classes']} classes, {'x'.join(map(str, spec['shape']))} @ "
                     f"{'x'.join(f'{s:g}' for s in spec['spacing'])} mm (plan {spec['plan']:g} mm)")
-            cells = {"stream": run_cell(row, "stream", Path(tmp))}
+            cells = {"stream": run_cell(row, "stream", Path(tmp), args.device)}
             need = old_path_bytes(spec)
-            if need < 0.8 * available_bytes():
-                cells["all-classes"] = run_cell(row, "all-classes", Path(tmp))
+            if need < 0.8 * available_bytes():  # on a GPU, running out of its memory shows as an error line
+                cells["all-classes"] = run_cell(row, "all-classes", Path(tmp), args.device)
             else:
                 cells["all-classes"] = {"error": f"not run: needs ~{need / 2**30:.0f} GiB, "
                                                  f"{available_bytes() / 2**30:.0f} GiB available"}
@@ -131,10 +138,11 @@ def main() -> None:
                 same = f"{100 * float((a == b).mean()):.4f}%"
             for path, c in cells.items():
                 if "error" in c:
-                    print(f"{name:<44} {path:<12} {c['error']}")
+                    print(f"{name:<56} {path:<12} {c['error']}")
                 else:
-                    print(f"{name:<44} {path:<12} {c['seconds']:>8.1f} {c['peak_mb']:>12.0f} "
-                          f"{c['peak_mb'] - c['before_mb']:>9.0f} {same:>12}")
+                    gpu = f" {c['gpu_mb']:>8.0f}" if c.get("gpu_mb") is not None else ""
+                    print(f"{name:<56} {path:<12} {c['seconds']:>8.1f} {c['peak_mb']:>12.0f} "
+                          f"{c['peak_mb'] - c['before_mb']:>9.0f} {same:>12}{gpu}")
                 name = ""
             sys.stdout.flush()
 

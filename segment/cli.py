@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: configs/default.yaml)")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: segment/configs/default.yaml)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key, e.g. --set train.max_epochs=5")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="dataset folder (MSD/nnU-Net layout or image/label pairs)")]
 
@@ -45,11 +45,33 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config(config: Path | None, overrides: list[str] | None, extra: dict[str, Any]) -> Any:
-    """Config file + --set overrides + explicit flags (only those the user gave), all through the same validation."""
+    """Config file + --set overrides + explicit flags (only those the user gave), all through the same validation.
+
+    Flags keep their type (`--data 2024` is a folder, never the number 2024); only `--set key=value` parses YAML.
+    """
     from segment.config import load_config
 
-    flags = [f"{key}={value}" for key, value in extra.items() if value is not None]
-    return load_config(config, list(overrides or []) + flags)
+    return load_config(config, list(overrides or []), _given(extra))
+
+
+def _given(extra: dict[str, Any]) -> dict[str, Any]:
+    """The flags the user gave, as typed config values: paths as text, everything else as parsed by typer."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in extra.items() if value is not None}
+
+
+def _skips(text: str | None) -> str | list[int] | None:
+    """--skips: all, none, or levels such as [0,1] / 0,1."""
+    if text is None or text.strip() in ("all", "none"):
+        return None if text is None else text.strip()
+    try:
+        return [int(p) for p in text.strip().removeprefix("[").removesuffix("]").split(",") if p.strip()]
+    except ValueError:
+        raise SegmentError(f"--skips {text!r}: expected all, none or levels such as [0,1]") from None
+
+
+def _devices(text: str | None) -> int | str | None:
+    """--devices: a count (2, -1 = all) or a Lightning device string (auto, '0,1')."""
+    return int(text) if text is not None and text.strip().lstrip("-").isdigit() else text
 
 
 @app.command()
@@ -60,7 +82,9 @@ def train(
     set_: SetOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="run folder (default runs/<data>-<time>)")] = None,
     max_epochs: Annotated[Optional[int], typer.Option(help="epochs (train.max_epochs)")] = None,
-    max_time: Annotated[Optional[str], typer.Option(help="wall-clock budget, e.g. 30m, 2h (train.max_time)")] = None,
+    max_time: Annotated[Optional[str], typer.Option(help="training-time budget (train.max_time): 30m, 2h, 90s, 1d, "
+                                                         "45 (= minutes), HH:MM:SS or DD:HH:MM:SS")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed of split, initialisation, sampling, augmentation (seed)")] = None,
     fold: Annotated[Optional[int], typer.Option(help="k-fold split index (data.fold)")] = None,
     skips: Annotated[Optional[str], typer.Option(help="skip connections: all, none or e.g. [0,1] (model.skip_connections)")] = None,
     accelerator: Annotated[Optional[str], typer.Option(help="cpu, gpu/cuda, mps or auto (train.accelerator)")] = None,
@@ -68,14 +92,21 @@ def train(
     strategy: Annotated[Optional[str], typer.Option(help="Lightning strategy, e.g. ddp (train.strategy)")] = None,
     num_nodes: Annotated[Optional[int], typer.Option(help="machines for multi-node training (train.num_nodes)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, 32, bf16-mixed, 16-mixed (train.precision)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --output from its last checkpoint")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --output from its last checkpoint, with "
+                                                          "its own config; only the options given change it")] = False,
     split: Annotated[Optional[Path], typer.Option(help="reuse a split.json (train/val case names) from another run")] = None,
 ) -> None:
     """Train a U-Net. With no arguments, trains on the embedded demo dataset (generated on first use)."""
+    if resume and output is None:
+        raise SegmentError("--resume needs --output RUN_FOLDER (the run to continue)")
+    if resume and (config is not None or split is not None):
+        raise SegmentError("--resume continues the run with its own config.yaml and split.json: leave out "
+                           f"{'--config' if config is not None else '--split'} (change single values with the options "
+                           "or --set)")
     flags = {
         "data.root": data, "train.max_epochs": max_epochs, "train.max_time": max_time, "data.fold": fold,
-        "model.skip_connections": skips, "train.accelerator": accelerator, "train.devices": devices,
-        "train.strategy": strategy, "train.num_nodes": num_nodes, "train.precision": precision,
+        "model.skip_connections": _skips(skips), "train.accelerator": accelerator, "train.devices": _devices(devices),
+        "train.strategy": strategy, "train.num_nodes": num_nodes, "train.precision": precision, "seed": seed,
     }
     cfg = _config(config, set_, flags)
     if data is None and config is None and cfg.data.root is None and not resume:
@@ -83,13 +114,14 @@ def train(
 
         if (CONFIG_DIR / "demo.yaml").is_file():  # the embedded default: demo data with a demo-sized budget
             cfg = _config(CONFIG_DIR / "demo.yaml", set_, flags)
-    if resume and output is None:
-        raise SegmentError("--resume needs --output RUN_FOLDER (the run to continue)")
+    from segment.config import parse_overrides
     from segment.train.runner import train as run_train
 
     from segment.run_folder import read_split_file
 
-    run_train(cfg, output=output, resume=resume, split=read_split_file(split) if split else None)
+    # on --resume only what was given explicitly (--set, options) changes the run's own config
+    given = {**parse_overrides(list(set_ or [])), **_given(flags)} if resume else None
+    run_train(cfg, output=output, resume=resume, split=read_split_file(split) if split else None, given=given)
 
 
 @app.command()
@@ -172,7 +204,7 @@ def model_info(
 @app.command("demo-data")
 @user_errors
 def demo_data(
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder (default data/demo)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder (default $SEGMENT_HOME/demo, else ~/.cache/segment/demo)")] = None,
     cases: Annotated[int, typer.Option(help="number of cases")] = 24,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing folder's contents")] = False,

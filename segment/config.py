@@ -7,6 +7,7 @@ the same validation, so a typo never silently does nothing.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -14,6 +15,30 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segment.errors import ConfigError
+
+
+DURATIONS = "30m, 2h, 90s, 1d, 45 (minutes), HH:MM:SS or DD:HH:MM:SS"
+
+
+def parse_duration(text: str | int | float | None) -> float | None:
+    """A time budget in seconds: '30m', '2h', '90s', '1d', a bare number (minutes), 'HH:MM:SS' or 'DD:HH:MM:SS'."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text)
+    if m:
+        seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 60}[m.group(2)]
+    elif re.fullmatch(r"\d+(:\d\d){2,3}", text):
+        *head, mi, s = (int(p) for p in text.split(":"))
+        d, h = head if len(head) == 2 else (0, head[0])
+        if mi >= 60 or s >= 60 or (len(head) == 2 and h >= 24):
+            raise ConfigError(f"train.max_time: {text!r}: minutes and seconds must be < 60 (hours < 24 after days)")
+        seconds = float(((d * 24 + h) * 60 + mi) * 60 + s)
+    else:
+        raise ConfigError(f"train.max_time: {text!r} is not a duration (use e.g. {DURATIONS})")
+    if seconds <= 0:
+        raise ConfigError(f"train.max_time: {text!r} is not a positive duration")
+    return seconds
 
 
 class _Strict(BaseModel):
@@ -59,6 +84,7 @@ class DataConfig(_Strict):
     folds: int = Field(5, ge=2, description="number of folds for k-fold splits")
     fold: int | None = Field(None, ge=0, description="use this fold of a k-fold split; null = one seeded split")
     max_cases: int | None = Field(None, ge=2, description="use only the first N cases (quick experiments)")
+    skip_bad: bool = Field(False, description="train on the cases that pass the pre-training check and list the others in skipped.json; false = stop with the list of problems")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @field_validator("target_spacing")
@@ -164,6 +190,19 @@ class TrainConfig(_Strict):
 
     _precision_text = field_validator("precision", mode="before")(lambda v: str(v) if isinstance(v, int) else v)
 
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        """A bare number (YAML `45`) means minutes, like `--max-time 45`; anything else must parse as a duration."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str):
+            try:
+                parse_duration(v)
+            except ConfigError as err:
+                raise ValueError(str(err).removeprefix("train.max_time: ")) from None
+        return v
+
 
 class PredictConfig(_Strict):
     """Inference settings (defaults for `segment predict`)."""
@@ -199,8 +238,30 @@ class Config(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
-# The repository's configs/ (source checkout, editable install) or where a container put them.
-CONFIG_DIR = Path(os.environ.get("SEGMENT_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+def packaged_config_dir() -> Path:
+    """segment/configs/: the shipped configs (default, demo, gpu) as package data, the one copy of them; read in place."""
+    from importlib.resources import files
+
+    return Path(str(files("segment") / "configs"))
+
+
+# The shipped configs (a source checkout, an editable or a wheel install alike), or SEGMENT_CONFIG_DIR if set.
+CONFIG_DIR = Path(os.environ.get("SEGMENT_CONFIG_DIR") or packaged_config_dir())
+
+
+def segment_home() -> Path:
+    """Where segment keeps what it writes for itself (the demo dataset): $SEGMENT_HOME, else the user cache folder
+    (platformdirs' user_cache_dir("segment") if installed, else $XDG_CACHE_HOME/segment or ~/.cache/segment).
+    Never the installed package or the current folder, so a read-only install and any working directory are fine."""
+    env = os.environ.get("SEGMENT_HOME")
+    if env:
+        return Path(env).expanduser()
+    try:
+        from platformdirs import user_cache_dir
+    except ImportError:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "segment"
+    return Path(user_cache_dir("segment", appauthor=False))
 
 
 def _describe(err: ValidationError, source: str) -> str:
@@ -228,25 +289,48 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` strings to a raw config dict (validation happens afterwards)."""
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`--set key.sub=value` strings -> {"key.sub": value}, each value parsed as YAML (the only place that happens)."""
+    out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_epochs=5")
         key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def set_values(raw: dict[str, Any], values: dict[str, Any], source: str = "--set") -> dict[str, Any]:
+    """Set dotted keys (`train.max_epochs`) of a raw config dict to values as they are (validation happens afterwards)."""
+    for key, value in values.items():
         node = raw
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section")
+                raise ConfigError(f"{source} {key}: {part} is not a section")
             node = child
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = value
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load `path` (default `configs/default.yaml` if present, else built-in defaults) and apply overrides."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings (values parsed as YAML) to a raw config dict (validation happens afterwards)."""
+    return set_values(raw, parse_overrides(overrides))
+
+
+def _names(key: str, given: Any) -> bool:
+    """Whether a validation error at `key` is about one of the `given` dotted keys (or the section holding one)."""
+    return any(key == g or key.startswith(g + ".") or g.startswith(key + ".") for g in given)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Load `path` (default `configs/default.yaml` if present, else built-in defaults) and apply overrides.
+
+    `overrides` are `--set key=value` strings (values parsed as YAML); `values` are typed values of command-line flags
+    ({"data.root": "2024"} stays the folder name "2024"), applied after them. All go through the same validation.
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is None and (CONFIG_DIR / "default.yaml").is_file():
@@ -263,13 +347,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         source = str(path)
     raw = apply_overrides(raw, overrides or [])
+    raw = set_values(raw, values or {}, "command line:")
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
         key = ".".join(str(p) for p in err.errors()[0]["loc"])
         given = {o.split("=", 1)[0].strip() for o in overrides or []}
-        from_cli = any(key == g or key.startswith(g + ".") or g.startswith(key + ".") for g in given)
-        raise ConfigError(_describe(err, "--set" if from_cli else source)) from None
+        where = "command line" if _names(key, values or {}) else "--set" if _names(key, given) else source
+        raise ConfigError(_describe(err, where)) from None
 
 
 def dump_config(cfg: Config) -> str:

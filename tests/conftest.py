@@ -1,19 +1,32 @@
-"""Shared fixtures. Real-data tests use ../shared/data beside the checkout and skip with a reason when it is absent."""
+"""Shared fixtures. Real-data tests use ../shared/data beside the checkout and skip with a reason when it is absent.
+
+In CI, set SEGMENT_REQUIRE_SHARED_DATA=1: a missing shared folder then FAILS the tests that need it (with the path),
+so real-data tests can never be skipped without anyone noticing.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REQUIRE_SHARED_DATA = "SEGMENT_REQUIRE_SHARED_DATA"
+
+
+def missing_shared_data(message: str) -> None:
+    """Skip the test, or fail it where SEGMENT_REQUIRE_SHARED_DATA=1 (CI) says the shared data must be there."""
+    if os.environ.get(REQUIRE_SHARED_DATA, "").strip() == "1":
+        pytest.fail(f"{message} ({REQUIRE_SHARED_DATA}=1)", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not found: real-data tests need the shared dataset folder beside the checkout")
+        missing_shared_data(f"{SHARED_DATA} not found: real-data tests need the shared dataset folder beside the checkout")
     return SHARED_DATA
 
 
@@ -21,7 +34,7 @@ def shared_data() -> Path:
 def hippocampus(shared_data: Path) -> Path:
     root = shared_data / "hippocampus"
     if not (root / "dataset.json").is_file():
-        pytest.skip(f"{root} has no dataset.json: the MSD Hippocampus copy is missing")
+        missing_shared_data(f"{root} has no dataset.json: the MSD Hippocampus copy is missing")
     return root
 
 
@@ -29,7 +42,7 @@ def hippocampus(shared_data: Path) -> Path:
 def real_ct_mr(shared_data: Path) -> Path:
     root = shared_data / "real_ct_mr"
     if not (root / "images").is_dir():
-        pytest.skip(f"{root}/images not found: the real CT/MR examples are missing")
+        missing_shared_data(f"{root}/images not found: the real CT/MR examples are missing")
     return root
 
 

@@ -25,7 +25,7 @@ def test_default_yaml_documents_every_field_and_is_current() -> None:
     from gen_default_config import render
 
     text = (CONFIG_DIR / "default.yaml").read_text()
-    assert text == render(), "configs/default.yaml is stale: run python tools/gen_default_config.py"
+    assert text == render(), "segment/configs/default.yaml is stale: run python tools/gen_default_config.py"
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             assert "#" in line, f"undocumented field line: {line!r}"

@@ -12,7 +12,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from segment.data import demo
-from segment.data.demo import DEFAULT_DEMO_DIR, ensure_demo_dataset, make_case, make_demo_dataset
+from segment.data.demo import ensure_demo_dataset, make_case, make_demo_dataset
 from segment.errors import InputError
 
 N = 4
@@ -156,9 +156,44 @@ def test_make_case_is_independent_of_n_cases() -> None:
     assert not np.array_equal(make_case(0, 1).affine, a.affine)
 
 
-def test_ensure_uses_repo_data_demo(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert DEFAULT_DEMO_DIR == Path(__file__).resolve().parents[1] / "data" / "demo"
+def test_ensure_uses_segment_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$SEGMENT_HOME/demo, read when used (not at import), so the CLI, the runner and `demo-data` agree."""
+    monkeypatch.setenv("SEGMENT_HOME", str(tmp_path / "home"))
+    assert demo.DEFAULT_DEMO_DIR == tmp_path / "home" / "demo"
     calls: list[tuple[Path, bool]] = []
     monkeypatch.setattr(demo, "make_demo_dataset", lambda out, progress=True: calls.append((out, progress)) or out)
-    assert ensure_demo_dataset(progress=False) == DEFAULT_DEMO_DIR
-    assert calls == [(DEFAULT_DEMO_DIR, False)]
+    assert ensure_demo_dataset(progress=False) == tmp_path / "home" / "demo"
+    assert calls == [(tmp_path / "home" / "demo", False)]
+
+
+def test_default_demo_dir_is_the_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without $SEGMENT_HOME: platformdirs' user cache if installed, else $XDG_CACHE_HOME, else ~/.cache."""
+    import sys
+    import types
+
+    monkeypatch.delenv("SEGMENT_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # not installed: the import fails
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo.default_demo_dir() == tmp_path / "xdg" / "segment" / "demo"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec says: ignore a relative path
+    assert demo.default_demo_dir() == tmp_path / "user" / ".cache" / "segment" / "demo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert demo.default_demo_dir() == tmp_path / "user" / ".cache" / "segment" / "demo"
+    fake = types.ModuleType("platformdirs")
+    fake.user_cache_dir = lambda name, appauthor=None: str(tmp_path / "platform" / name)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "platformdirs", fake)
+    assert demo.default_demo_dir() == tmp_path / "platform" / "segment" / "demo"
+    monkeypatch.setenv("SEGMENT_HOME", "~/seg")
+    assert demo.default_demo_dir() == tmp_path / "user" / "seg" / "demo"
+
+
+def test_demo_dir_does_not_follow_the_code_or_the_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Not beside the code (site-packages may be read-only) and not relative to the current folder."""
+    for name in ("SEGMENT_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    first = demo.default_demo_dir()
+    monkeypatch.chdir(tmp_path)
+    assert demo.default_demo_dir() == first and first.is_absolute()
+    assert not first.is_relative_to(Path(demo.__file__).resolve().parents[2])

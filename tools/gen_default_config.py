@@ -1,4 +1,4 @@
-"""Write configs/default.yaml from the schema, one comment per field, so the documentation never drifts from the code.
+"""Write segment/configs/default.yaml from the schema, one comment per field, so the documentation never drifts from the code.
 
 usage: python tools/gen_default_config.py   (tests/test_config.py checks the file is current)
 """

@@ -21,9 +21,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from segment.config import segment_home
 from segment.errors import InputError
 
-DEFAULT_DEMO_DIR: Path = Path(__file__).resolve().parents[2] / "data" / "demo"
 GENERATOR = "segment.data.demo"
 GENERATOR_VERSION = 1  # bump when the content changes, so old copies are regenerated instead of reused
 LABELS = {"0": "background", "1": "organ", "2": "lesion"}
@@ -254,6 +254,19 @@ def make_demo_dataset(
     return out_dir
 
 
+def default_demo_dir() -> Path:
+    """Where `segment train` keeps the demo dataset: `demo/` in the user's segment home ($SEGMENT_HOME, else the user
+    cache folder, e.g. ~/.cache/segment/demo), never inside the installed package or the current folder."""
+    return segment_home() / "demo"
+
+
+def __getattr__(name: str) -> Path:
+    """DEFAULT_DEMO_DIR, looked up when used, so a SEGMENT_HOME set after import still counts."""
+    if name == "DEFAULT_DEMO_DIR":
+        return default_demo_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def ensure_demo_dataset(progress: bool = True) -> Path:
-    """The default demo dataset at DEFAULT_DEMO_DIR, generated on first use (a few seconds) and reused after."""
-    return make_demo_dataset(DEFAULT_DEMO_DIR, progress=progress)
+    """The default demo dataset in default_demo_dir(), generated on first use (a few seconds) and reused after."""
+    return make_demo_dataset(default_demo_dir(), progress=progress)

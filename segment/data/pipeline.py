@@ -117,22 +117,65 @@ def _first_sample(batch: list) -> list:
     return torch.utils.data.default_collate([{k: s[k] for k in ("image", "label")} for s in flat])
 
 
-class DrawWithReplacement(Sampler[int]):
-    """`num_samples` case indices drawn with replacement, fresh each epoch, from torch's (seeded) global RNG.
+class DrawWithReplacement(Sampler):
+    """`num_samples` case indices drawn with replacement, fresh each epoch.
+
+    With a `seed`, the draws of epoch e come from their own torch.Generator seeded by (seed, e) — nothing else touches
+    it — and each draw is a pair (case index, augmentation seed) for `SeededDraws`: the data of every epoch are a pure
+    function of the seed and the epoch number, whatever the number of workers, the DDP rank or a resume in between.
+    Lightning calls `set_epoch` before every epoch (also through its DDP wrapper); without it each iteration moves on
+    by one epoch. Without a seed: plain case indices from torch's global RNG.
 
     Not a `RandomSampler` on purpose: under DDP Lightning replaces a RandomSampler by a DistributedSampler over the
     dataset — one pass over the cases per epoch, whatever `num_samples` says — while any other sampler is wrapped and
-    sharded, so each of N ranks runs steps_per_epoch / N steps per epoch.
+    sharded, so each of N ranks runs steps_per_epoch / N steps per epoch (every rank draws the same list).
     """
 
-    def __init__(self, n_items: int, num_samples: int) -> None:
-        self.n_items, self.num_samples = n_items, num_samples
+    def __init__(self, n_items: int, num_samples: int, seed: int | None = None) -> None:
+        self.n_items, self.num_samples, self.seed, self.epoch = n_items, num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state.get("epoch", self.epoch))
 
     def __iter__(self):  # noqa: ANN204
-        return iter(torch.randint(self.n_items, (self.num_samples,)).tolist())
+        if self.seed is None:
+            return iter(torch.randint(self.n_items, (self.num_samples,)).tolist())
+        mixed = np.random.SeedSequence([self.seed % 2**64, self.epoch]).generate_state(1, np.uint64)[0]
+        g = torch.Generator().manual_seed(int(mixed))
+        cases = torch.randint(self.n_items, (self.num_samples,), generator=g).tolist()
+        seeds = torch.randint(2**31 - 1, (self.num_samples,), generator=g).tolist()
+        self.epoch += 1
+        return iter(list(zip(cases, seeds)))
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class SeededDraws(torch.utils.data.Dataset):
+    """A training dataset indexed by (case index, seed) draws: the random transforms are seeded by the draw.
+
+    So the augmentation of a draw does not depend on which worker process makes it, or on what that worker made before
+    (MONAI's random transforms keep their own numpy RandomState, which a worker would otherwise inherit from the parent
+    unchanged: every worker would repeat the same augmentations). A plain int index is passed through unseeded.
+    """
+
+    def __init__(self, base: MonaiDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: int | tuple[int, int]):  # noqa: ANN204
+        if isinstance(key, (tuple, list)):
+            key, seed = key
+            self.base.transform.set_random_state(seed=int(seed))
+        return self.base[key]
 
 
 def make_loaders(dataset: Dataset, split: dict[str, list[str]], plan: Plan, cfg: Config) -> tuple[DataLoader, DataLoader]:
@@ -145,11 +188,13 @@ def make_loaders(dataset: Dataset, split: dict[str, list[str]], plan: Plan, cfg:
     train_ds = _dataset(train_cases, train_transforms(plan, cfg), cfg.data.cache)
     val_ds = _dataset(val_cases, val_transforms(plan), cfg.data.cache)
     n_samples = cfg.train.steps_per_epoch * plan.batch_size
-    sampler = DrawWithReplacement(len(train_ds), n_samples)
+    sampler = DrawWithReplacement(len(train_ds), n_samples, seed=cfg.seed)
     workers = cfg.data.num_workers
+    # worker processes: Lightning adds its worker_init_fn (distinct numpy/torch/python seeds per worker and rank) after
+    # seed_everything(workers=True); the augmentation itself is seeded per draw by SeededDraws
     train_loader = DataLoader(
-        train_ds, batch_size=plan.batch_size, sampler=sampler, num_workers=workers, collate_fn=_first_sample,
-        persistent_workers=workers > 0, drop_last=True,
+        SeededDraws(train_ds), batch_size=plan.batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=_first_sample, persistent_workers=workers > 0, drop_last=True,
     )
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=0, collate_fn=_first_sample)
     return train_loader, val_loader

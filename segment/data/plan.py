@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from segment.config import Config
-from segment.io.dataset import Dataset
-from segment.io.image import Geometry, read_geometry, read_image, read_label
+from segment.data.labels import values_to_classes
+from segment.io.case import read_case
+from segment.io.dataset import Dataset, read_channel_geometry
+from segment.io.geometry import canonical_grid, resampled_shape
+from segment.io.image import Geometry
 
 
 @dataclass
@@ -27,9 +30,9 @@ class Plan:
     patch_size: list[int]
     batch_size: int
     features: list[int]
-    modality: str
+    modality: str  # 'ct', 'mri' (per-image z-score) or 'mixed' (see channel_modalities)
     channels: int
-    labels: dict[int, str]
+    labels: dict[int, str]  # class index 0..K-1 -> name
     ct_clip: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
     ct_mean: float = 0.0
     ct_std: float = 1.0
@@ -38,6 +41,12 @@ class Plan:
     # canonical axes mirrored in training augmentation and test-time augmentation; None (plans written before this
     # field existed) means every axis
     mirror_axes: list[int] | None = None
+    # normalisation of each channel, 'ct' (clip + dataset z-score) or 'mri' (per-image z-score); None (plans written
+    # before this field existed) means every channel follows `modality`
+    channel_modalities: list[str] | None = None
+    # the label value on disk of each class index (dataset.json's 0, 1, 3 -> classes 0, 1, 2); None means class i is
+    # value i. Applied by segment.data.labels.encode_labels / decode_labels
+    label_values: list[int] | None = None
 
     def tta_axes(self) -> list[int]:
         return list(range(len(self.patch_size))) if self.mirror_axes is None else list(self.mirror_axes)
@@ -60,9 +69,7 @@ class Plan:
 
 def _canonical_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Shape and spacing in canonical (RAS) axis order, from the header only."""
-    from segment.data.preprocess import canonical_grid
-
-    grid = canonical_grid(read_geometry(path))
+    grid = canonical_grid(read_channel_geometry(path)[0])  # a 4D (multi-channel) file has the grid of its volumes
     return grid.shape, grid.spacing
 
 
@@ -101,8 +108,12 @@ def ordered_axes(centroids: list[dict[int, list[float]]], agreement: float = 0.9
     return found
 
 
-def fingerprint(dataset: Dataset, max_intensity_cases: int = 20) -> dict:
-    """Spacings, shapes (canonical axes), foreground intensity statistics and label layout of a dataset."""
+def fingerprint(dataset: Dataset, max_intensity_cases: int = 20, intensity_channels: Sequence[int] = (0,)) -> dict:
+    """Spacings, shapes (canonical axes), foreground intensity statistics and label layout of a dataset.
+
+    The intensity statistics pool the foreground voxels of `intensity_channels` (the CT channels, whose normalisation
+    uses them; channel 0 when there are none).
+    """
     shapes, spacings = zip(*(_canonical_header(c.images[0]) for c in dataset.cases))
     fg: list[np.ndarray] = []
     centroids: list[dict[int, list[float]]] = []
@@ -110,9 +121,11 @@ def fingerprint(dataset: Dataset, max_intensity_cases: int = 20) -> dict:
     for case in dataset.cases[::step][:max_intensity_cases]:
         if case.label is None:
             continue
-        img, geom = read_image(case.images[0])
-        lab = read_label(case.label)
-        vals = img[lab > 0]
+        data = read_case(case.images, case.label)
+        lab, geom = data.label, data.geometry
+        assert lab is not None
+        mask = lab > 0
+        vals = np.concatenate([data.channels[c][mask] for c in intensity_channels if c < len(data.channels)])
         if vals.size:
             fg.append(np.random.default_rng(0).choice(vals, size=min(vals.size, 10000), replace=False))
         if lab.ndim == 3:
@@ -127,6 +140,7 @@ def fingerprint(dataset: Dataset, max_intensity_cases: int = 20) -> dict:
         "fg_percentiles": [float(np.percentile(fg_all, q)) for q in (0.5, 50, 99.5)],
         "fg_mean": float(fg_all.mean()),
         "fg_std": float(fg_all.std() + 1e-8),
+        "fg_channels": [int(c) for c in intensity_channels],
     }
 
 
@@ -150,9 +164,10 @@ def plan_patch(median_shape: Sequence[int], budget_voxels: int, max_depth: int =
 
 def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan, dict]:
     """Plan spacing, patch, depth and batch from the fingerprint; config values override planned ones."""
-    fp = fingerprint(dataset)
+    kinds = channel_modalities(dataset, cfg.data.modality)
+    fp = fingerprint(dataset, intensity_channels=[c for c, k in enumerate(kinds) if k == "ct"] or [0])
     spacing = list(cfg.data.target_spacing or fp["median_spacing"])
-    resampled = [[int(round(n * s / t)) for n, s, t in zip(shape, sp, spacing)] for shape, sp in zip(fp["shapes"], fp["spacings"])]
+    resampled = [list(resampled_shape(shape, sp, spacing)) for shape, sp in zip(fp["shapes"], fp["spacings"])]
     median_shape = [int(v) for v in np.median(np.array(resampled), axis=0)]
     budget = 128**3 if device == "cuda" else 64**3
     patch, depth = plan_patch(median_shape, budget)
@@ -164,7 +179,8 @@ def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan,
     features = [min(f, 320) for f in features]
     voxels_per_step = 2 * 128**3 if device == "cuda" else 448_000  # CPU: ~0.5 s per step for 16-wide 4-level nets
     batch = cfg.data.batch_size or int(np.clip(voxels_per_step // int(np.prod(patch)), 2, 16))
-    modality = cfg.data.modality if cfg.data.modality != "auto" else ("ct" if dataset.modality == "ct" else "mri")
+    modality = kinds[0] if len(set(kinds)) == 1 else "mixed"
+    labels, values = values_to_classes(dataset.labels)
     p_lo, _, p_hi = fp["fg_percentiles"]
     clip = list(cfg.data.ct_clip or [p_lo, p_hi])
     ndim = len(patch)
@@ -176,7 +192,20 @@ def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan,
         mirror = list(range(ndim))
     plan = Plan(
         spacing=spacing, patch_size=patch, batch_size=batch, features=features, modality=modality,
-        channels=dataset.channels, labels=dict(dataset.labels), ct_clip=clip, ct_mean=fp["fg_mean"], ct_std=fp["fg_std"],
+        channels=dataset.channels, labels=labels, ct_clip=clip, ct_mean=fp["fg_mean"], ct_std=fp["fg_std"],
         median_shape=median_shape, num_cases=len(dataset.cases), mirror_axes=[a for a in mirror if a < ndim],
+        channel_modalities=kinds, label_values=values,
     )
     return plan, fp
+
+
+def channel_modalities(dataset: Dataset, setting: str = "auto") -> list[str]:
+    """Normalisation of each channel: 'ct' or 'mri' (per-image z-score: MRI and anything not CT, e.g. PET).
+
+    `setting` (data.modality) other than 'auto' applies to every channel; 'auto' follows dataset.json per channel
+    (`modality` / `channel_names`), or the dataset's one modality when it does not declare every channel.
+    """
+    if setting != "auto":
+        return [setting] * dataset.channels
+    declared = dataset.channel_modalities if len(dataset.channel_modalities) == dataset.channels else []
+    return ["ct" if kind == "ct" else "mri" for kind in declared or [dataset.modality] * dataset.channels]

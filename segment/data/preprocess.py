@@ -16,19 +16,11 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import NormalizeIntensity
 
+from segment.data.labels import encode_labels
 from segment.data.plan import Plan
 from segment.errors import GeometryError
 from segment.io.case import read_case
-from segment.io.image import Geometry, from_canonical, to_canonical
-
-
-def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
-    """Voxel count along each axis after resampling from `spacing` to `target` (mm), at least 1.
-
-    Halves round up, after rounding away float32 header noise: 101 voxels of 3 mm at 6 mm is 50.5 -> 51, whether
-    the header says 3.0 mm or 0.003 m (= 3.00000003 mm). Python's round() would give 50 for one and 51 for the other.
-    """
-    return tuple(max(1, int(np.floor(round(n * s / t, 4) + 0.5))) for n, s, t in zip(shape, spacing, target))
+from segment.io.geometry import Geometry, canonical_grid, from_canonical, resampled_shape, to_canonical
 
 
 def _resize(x: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
@@ -44,18 +36,25 @@ def _linear_mode(ndim: int) -> str:
 
 
 def normalise(image: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """Per-channel intensity normalisation: z-score per volume (MRI, other) or clip + dataset z-score (CT)."""
-    if plan.modality == "ct":
-        lo, hi = plan.ct_clip
-        out = NormalizeIntensity(subtrahend=plan.ct_mean, divisor=plan.ct_std)(image.clamp(lo, hi))
-    else:
-        out = NormalizeIntensity(channel_wise=True)(image)
-    return torch.as_tensor(out.as_tensor() if hasattr(out, "as_tensor") else out)
+    """Per-channel intensity normalisation by each channel's modality (`plan.channel_modalities`; None = every channel
+    is `plan.modality`): CT channels are clipped to `plan.ct_clip` and z-scored with the dataset's foreground mean and
+    std, every other channel (MRI, PET, ...) is z-scored over its own volume."""
+    from segment.errors import InputError
 
-
-def canonical_grid(geometry: Geometry) -> Geometry:
-    """The Geometry of `geometry`'s voxels after exact reorientation to RAS (no voxels are touched)."""
-    return to_canonical(np.zeros(geometry.shape, dtype=np.uint8), geometry)[1]
+    kinds = plan.channel_modalities or [plan.modality] * int(image.shape[0])
+    if len(kinds) != image.shape[0]:
+        raise InputError(f"image has {image.shape[0]} channel(s), but the plan normalises {len(kinds)} "
+                         f"({', '.join(kinds)})")
+    out = []
+    for c, kind in enumerate(kinds):
+        channel = image[c:c + 1]
+        if kind == "ct":
+            lo, hi = plan.ct_clip
+            done = NormalizeIntensity(subtrahend=plan.ct_mean, divisor=plan.ct_std)(channel.clamp(lo, hi))
+        else:
+            done = NormalizeIntensity(channel_wise=True)(channel)
+        out.append(torch.as_tensor(done.as_tensor() if hasattr(done, "as_tensor") else done))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def prepare_image(channels: Sequence[np.ndarray], geometry: Geometry, plan: Plan) -> torch.Tensor:
@@ -97,5 +96,5 @@ def load_case(images: Sequence[Path], label: Path | None, plan: Plan) -> dict:
     item = {"image": prepare_image(case.channels, case.geometry, plan), "name": Path(images[0]).name,
             "geometry": case.geometry.to_dict()}
     if case.label is not None:
-        item["label"] = prepare_label(case.label, case.geometry, plan)
+        item["label"] = prepare_label(encode_labels(case.label, plan, label), case.geometry, plan)
     return item

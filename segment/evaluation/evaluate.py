@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segment.data.labels import encode_labels
 from segment.errors import ConfigError, InputError
 from segment.io.dataset import Case, Dataset
 
@@ -96,6 +97,7 @@ def _metric_inputs(predictor: Predictor, cases: Iterable[Case],
                    on_case: CaseHook | None) -> Iterator[tuple[str, np.ndarray, np.ndarray, Sequence[float]]]:
     for case in cases:
         channels, geometry, ref = read_case_arrays(case)
+        ref = encode_labels(ref, predictor.plan, case.label)  # class indices, as the predictor's labels are
         pred = predict_labels(predictor, channels, geometry)
         if on_case is not None:
             on_case(case.name, channels, geometry, pred, ref)

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from segment.config import Config
+from segment.data.labels import class_values, decode_labels
 from segment.data.plan import Plan
-from segment.data.preprocess import canonical_grid, prepare_image, to_source_grid
+from segment.data.preprocess import prepare_image, to_source_grid
 from segment.device import inference_dtype, resolve_device
 from segment.errors import GeometryError, InputError
 from segment.inference.stream import predict_canonical_labels
 from segment.io.case import read_case
-from segment.io.geometry import Geometry
+from segment.io.geometry import Geometry, canonical_grid
 from segment.io.nifti import check_target, nifti_geometry, to_nifti_image, write_image, write_label
 from segment.run_folder import read_checkpoint, resolve_checkpoint
 
@@ -74,8 +75,9 @@ class Predictor:
 
     @property
     def label_names(self) -> dict[int, str]:
-        k = int(self.config.model.out_channels)
-        return {i: self.plan.labels.get(i, f"class_{i}") for i in range(k)}
+        """Label value as written to disk (the dataset's own: 0, 1, 3 when dataset.json skips 2) -> class name."""
+        values = class_values(self.plan, int(self.config.model.out_channels))
+        return {v: self.plan.labels.get(i, f"class_{v}") for i, v in enumerate(values)}
 
     # ---- core -----------------------------------------------------------------------------------------------
     def _check_input(self, channels: list[np.ndarray], geometry: Geometry) -> None:
@@ -146,14 +148,15 @@ class Predictor:
         t0 = time.perf_counter()
         case = read_case(paths, expected_channels=self.plan.channels, series=series)
         labels, probs = self.predict_labels(case.channels, case.geometry, keep_probabilities=probabilities is not None)
-        written = write_label(labels, case.geometry, out, overwrite=overwrite, inputs=paths)
+        # class indices -> the dataset's own label values (3, not 2, when dataset.json declares 0, 1, 3)
+        written = write_label(decode_labels(labels, self.plan), case.geometry, out, overwrite=overwrite, inputs=paths)
         if probabilities is not None and probs is not None:
             write_image(np.moveaxis(probs, 0, -1), case.geometry, probabilities, overwrite=overwrite, inputs=paths)
         seconds = time.perf_counter() - t0
         return {
             "case": paths[0].name, "output": str(written), "seconds": seconds,
             "voxels_per_s": float(np.prod(case.geometry.shape)) / max(seconds, 1e-9),
-            "volumes_ml": label_volumes(labels, case.geometry, self.label_names),
+            "volumes_ml": label_volumes(labels, case.geometry, dict(enumerate(self.label_names.values()))),
         }
 
     def predict_nifti(self, img: nib.Nifti1Image | str | Path) -> nib.Nifti1Image:
@@ -165,7 +168,7 @@ class Predictor:
             array = np.asarray(img.dataobj, dtype=np.float32)
             channels = [array[..., i] for i in range(array.shape[3])] if array.ndim == 4 else [array]
             geometry = nifti_geometry(img, channels[0].shape, "<in-memory image>")
-        labels, _ = self.predict_labels(channels, geometry)
+        labels = decode_labels(self.predict_labels(channels, geometry)[0], self.plan)
         return to_nifti_image(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16), geometry)
 
 

@@ -9,8 +9,8 @@ uses the window grid MONAI would lay on the mirrored image. The slab's probabili
 align_corners=False, as `preprocess._resize`) to the canonical rows they feed, a chunk at a time, and reduced to labels
 at once. Memory is the label map plus one slab and one chunk, bounded by SLAB_BYTES rather than by the volume.
 
-Windows that straddle a slab border are run once per slab they touch; slabs are never thinner than half a patch, so
-that costs at most ~2x the network time in the worst case, and nothing when one slab holds the whole volume.
+Windows that straddle a slab border are run once per slab they touch; slabs are never thinner than one patch, so
+that costs at most 1.5x the network time (50% overlap), and nothing when one slab holds the whole volume.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def blended_slab(model: nn.Module, x: Tensor, roi: Sequence[int], corners: list[
             acc = torch.zeros((logits.shape[1], *slab), device=x.device, dtype=torch.float32)
         for corner, window in zip(group, logits):
             dst, src = _overlap(corner, roi, shape, axis, lo, hi)
-            acc[(slice(None), *dst)] += window[(slice(None), *src)] * weight[src]
+            acc[(slice(None), *dst)].addcmul_(window[(slice(None), *src)], weight[src])
             count[(slice(None), *dst)] += weight[src]
     assert acc is not None  # every row lies in some window
     return acc.div_(count)
@@ -156,18 +156,28 @@ class CanonicalWriter:
         """Network rows [lo, lo + n) of the probabilities (K, *slab); writes every canonical row they complete."""
         a = 1 + self.axis
         hi = lo + probs.shape[a]
-        base = lo if self.carry is None else lo - 1
-        rows = probs if self.carry is None else torch.cat([self.carry, probs], dim=a)
         end = self.out_shape[self.axis] if hi == self.grid[self.axis] else int(np.searchsorted(self.i1, hi))
         for j0 in range(self.done, end, self.chunk):
-            self._write(rows, base, j0, min(end, j0 + self.chunk))
-        self.done, self.carry = end, rows.narrow(a, rows.shape[a] - 1, 1).clone()
+            self._write(probs, lo, j0, min(end, j0 + self.chunk))
+        self.done, self.carry = end, probs.narrow(a, probs.shape[a] - 1, 1).clone()
 
-    def _write(self, rows: Tensor, base: int, j0: int, j1: int) -> None:
+    def _take(self, probs: Tensor, rows: np.ndarray) -> Tensor:
+        """Rows of the slab along its axis (sorted, relative to the slab; -1 is the carried row before it)."""
         a = 1 + self.axis
-        take = [torch.as_tensor(i[j0:j1] - base, device=rows.device) for i in (self.i0, self.i1)]
-        lam = torch.as_tensor(self.lam[j0:j1], device=rows.device).view([-1 if d == a else 1 for d in range(rows.ndim)])
-        p = rows.index_select(a, take[0]) * (1 - lam) + rows.index_select(a, take[1]) * lam
+        carried = int((rows < 0).sum())
+        taken = probs.index_select(a, torch.as_tensor(rows[carried:], device=probs.device))
+        if not carried:
+            return taken
+        assert self.carry is not None
+        size = [carried if d == a else -1 for d in range(probs.ndim)]
+        return torch.cat([self.carry.expand(size), taken], dim=a)
+
+    def _write(self, probs: Tensor, lo: int, j0: int, j1: int) -> None:
+        a = 1 + self.axis
+        p = self._take(probs, self.i0[j0:j1] - lo)
+        if self.lam[j0:j1].any():  # no resize along the slab axis: every weight is 0
+            lam = torch.as_tensor(self.lam[j0:j1], device=probs.device).view([-1 if d == a else 1 for d in range(p.ndim)])
+            p = p.mul_(1 - lam).add_(self._take(probs, self.i1[j0:j1] - lo).mul_(lam))
         p = p.movedim(a, 0)  # (rows, K, *cross): the two other axes are resized together, bilinearly
         if tuple(p.shape[2:]) != self.cross:
             p = F.interpolate(p, size=self.cross, mode="bilinear", align_corners=False)
@@ -182,20 +192,22 @@ class CanonicalWriter:
 
 def slab_rows(k: int, grid: Sequence[int], roi: Sequence[int], axis: int, *, copies: int = 1, step: int = 1,
               slab_voxels: int | None = None) -> int:
-    """Rows per slab: as many as keep `copies` fp32 K-class slabs under SLAB_BYTES, but at least half a patch.
+    """Rows per slab: as many as keep `copies` fp32 K-class slabs under SLAB_BYTES, but at least one patch.
 
     A window crossing a slab border is run for each slab it touches: with windows `step` rows apart, a slab of
-    m * step rows starting on the window grid meets m + 1 rows of windows, an unaligned one about m + 2, so rows are
-    rounded down to a multiple of `step`. Thinner slabs would re-run windows more often than the memory they save is
-    worth (network time ~ 1 + patch / (2 * rows) at 50% overlap). `slab_voxels` overrides the budget (tests).
+    m * step rows starting on the window grid meets m + 1 rows of windows where one pass would run m, an unaligned
+    slab about m + 2, so rows are rounded down to a multiple of `step`. Slabs thinner than a patch would re-run
+    windows more often than the memory they save is worth (at 50% overlap: 2x the network time at half a patch, at
+    most 1.5x from one patch up); so with many classes and a wide cross-section a slab can exceed SLAB_BYTES.
+    `slab_voxels` overrides the budget and the floor (tests).
     """
     cross = math.prod(n for d, n in enumerate(grid) if d != axis)
     if slab_voxels is not None:
         return max(1, min(grid[axis], int(slab_voxels) // cross))
-    rows = max(SLAB_BYTES // (4 * k * cross * copies), math.ceil(roi[axis] / 2))
+    rows = max(SLAB_BYTES // (4 * k * cross * copies), int(roi[axis]))
     if rows >= grid[axis]:
         return grid[axis]
-    return max(1, rows // step * step if rows >= step else rows)
+    return rows // step * step if rows >= step else rows
 
 
 def predict_canonical_labels(
@@ -245,4 +257,5 @@ def predict_canonical_labels(
         probs = slab_probabilities(model, x, roi, grids, axis, lo, hi, sw_batch_size=batch, blend=blend)
         with torch.autocast(x.device.type, enabled=False):
             writer.add(probs, lo)
+        del probs  # before the next slab is allocated, not after
     return writer.labels, writer.probabilities

@@ -1,8 +1,10 @@
 """Find image/label pairs in a dataset folder and check them before any training starts.
 
-Two layouts are understood: MSD / nnU-Net (`dataset.json`, `imagesTr/`, `labelsTr/`, optional `_0000` channel
-suffixes) and plain folders (`images/` + `labels/`, or `X.nii.gz` beside `X_seg.nii.gz`). Pairing is by exact case
-name; anything that does not pair is reported, never guessed, so an image can never be trained against the wrong label.
+Two layouts are understood: MSD / nnU-Net (`dataset.json`, `imagesTr/`, `labelsTr/`, channels as `_0000`, `_0001`
+files or as the volumes of one 4D file per case) and plain folders (`images/` + `labels/`, or `X.nii.gz` beside
+`X_seg.nii.gz`). Pairing is by exact case name; anything that does not pair is reported, never guessed, so an image can
+never be trained against the wrong label. `discover` reads headers (and, with `check`, label values); the full read of
+every voxel before training is `segment.data.check.check_dataset`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,23 @@ import logging
 import re
 import warnings
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from segment.errors import ConfigError, GeometryError, InputError
-from segment.io.image import read_geometry, read_label
+import numpy as np
+
+from segment.errors import ConfigError, GeometryError, InputError, SegmentError
+from segment.io.geometry import Geometry
+from segment.io.image import (
+    _load_nifti,
+    _spatial_shape,
+    read_channels,
+    read_geometry,
+    read_label,
+)
+from segment.io.nifti import is_nifti, nifti_geometry
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +55,55 @@ class Dataset:
 
     root: Path
     cases: list[Case]
-    labels: dict[int, str]  # empty when unknown (plain folder discovered with check=False)
+    labels: dict[int, str]  # label value -> name (values may have gaps: 0, 1, 3); empty when unknown (check=False)
     modality: str
     channels: int
     unpaired: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    # kind of each channel as declared in dataset.json ('ct', 'mri', other lower-case text); empty when undeclared
+    channel_modalities: list[str] = field(default_factory=list)
+
+
+def read_channel_geometry(path: str | Path) -> tuple[Geometry, int]:
+    """Header-only grid of an image file and its channel count: 1 for a 3D volume, the length of the 4th axis for a 4D
+    file (MSD multi-modal: one volume per channel). `read_geometry` stays 3D-only, so a 4D label map is still refused."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if not is_nifti(path):  # NRRD/MHA/DICOM: read once through the checked reader
+        arrays, geometry = read_channels(path)
+        return geometry, len(arrays)
+    img = _load_nifti(path)
+    dims = [int(s) for s in img.shape]
+    spatial = _spatial_shape(tuple(dims), path, True)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    return nifti_geometry(img, spatial, str(path)), (dims[3] if len(dims) == 4 else 1)
+
+
+def label_values(label: np.ndarray) -> set[int]:
+    """The distinct values of a non-negative integer label map (as `read_label` returns it)."""
+    return {int(v) for v in np.flatnonzero(np.bincount(np.asarray(label).ravel()))}
+
+
+def check_label_values(path: str | Path, values: Collection[int], declared: Collection[int] | None) -> None:
+    """One-line InputError naming `path` when the label map holds a value that is not declared (None: anything goes)."""
+    if declared is None:
+        return
+    extra = sorted(set(values) - set(declared))
+    if not extra:
+        return
+    keys = sorted(declared)
+    if keys == list(range(len(keys))):
+        raise InputError(f"{path}: label value {extra[-1]} found, but only {len(keys)} classes (0..{len(keys) - 1}) "
+                         "are declared")
+    raise InputError(f"{path}: label value{'s' if len(extra) > 1 else ''} {', '.join(map(str, extra))} found, not "
+                     f"declared in dataset.json (declared: {', '.join(map(str, keys))})")
+
+
+def labels_from_values(values: Collection[int]) -> dict[int, str]:
+    """Class names for a dataset without declared labels: background plus one `class_<value>` per value found."""
+    return {0: "background", **{v: f"class_{v}" for v in sorted(values) if v != 0}}
 
 
 def _split(path: Path) -> str | None:
@@ -117,6 +174,16 @@ def _modality(meta: dict[str, Any]) -> tuple[str, int | None]:
     return (kinds.pop() if len(kinds) == 1 else _kind(names[0])), len(names)
 
 
+def _channel_kinds(meta: dict[str, Any]) -> list[str]:
+    """Kind of each declared channel, in channel order ([] when dataset.json declares none)."""
+    raw = meta.get("modality") or meta.get("channel_names")
+    if isinstance(raw, str):
+        return [_kind(raw)]
+    if not isinstance(raw, dict):
+        return []
+    return [_kind(str(raw[k])) for k in sorted(raw, key=lambda k: int(k) if str(k).isdigit() else 0)]
+
+
 def _kind(name: str) -> str:
     text = name.strip().lower()
     if text == "ct" or text.startswith("ct"):
@@ -170,13 +237,18 @@ def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error
     grouped = _group(images, label_files)
     counts = Counter(len(c) for c in grouped.values())
     channels = declared or (counts.most_common(1)[0][0] if counts else 1)
+    if declared is None and channels == 1 and grouped:  # undeclared: one 4D file per case gives the channel count
+        try:
+            channels = read_channel_geometry(next(iter(grouped[min(grouped)].values())))[1]
+        except SegmentError:
+            pass  # that case is reported by the check
     unpaired = sorted([p for n, c in grouped.items() if n not in label_files for p in c.values()]
                       + [p for n, p in label_files.items() if n not in grouped])
     if unpaired:
         names = ", ".join(p.name for p in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
         warnings.warn(f"{root}: {len(unpaired)} files without a partner, left out: {names}", stacklevel=2)
     cases, problems = _pair(root, grouped, label_files, clashes, channels)
-    dataset = Dataset(root, cases, _parse_labels(meta, root), modality, channels, unpaired, {})
+    dataset = Dataset(root, cases, _parse_labels(meta, root), modality, channels, unpaired, {}, _channel_kinds(meta))
     _handle(problems, dataset, on_problem)
     if check:
         _check_all(dataset, on_problem)
@@ -196,12 +268,24 @@ def _pair(root: Path, grouped: dict[str, dict[int, Path]], label_files: dict[str
         by_channel = grouped[name]
         if name in clashes or any(_split(p) in clashes for p in by_channel.values()):
             problems[name] = f"case {name}: several files with the same name and different suffixes in {root}"
-        elif sorted(by_channel) != list(range(channels)):
-            problems[name] = (f"case {name}: channels {sorted(by_channel)} found, expected 0..{channels - 1} "
-                              f"({[p.name for p in by_channel.values()]})")
-        else:
+        elif sorted(by_channel) == list(range(channels)):
             cases.append(Case(name, tuple(by_channel[c] for c in range(channels)), label_files[name]))
+        elif channels > 1 and list(by_channel) == [0] and (volumes := _volumes(by_channel[0])) == channels:
+            cases.append(Case(name, (by_channel[0],), label_files[name]))  # MSD multi-modal: one 4D file
+        else:
+            single = channels > 1 and list(by_channel) == [0]
+            detail = f"; as one 4D file it would need {channels} volumes, it has {volumes}" if single else ""
+            problems[name] = (f"case {name}: channels {sorted(by_channel)} found, expected 0..{channels - 1} "
+                              f"({[p.name for p in by_channel.values()]}{detail})")
     return cases, problems
+
+
+def _volumes(path: Path) -> int | str:
+    """Channel count of one image file from its header, or why it could not be read."""
+    try:
+        return read_channel_geometry(path)[1]
+    except SegmentError as err:
+        return f"an unreadable header: {err}"
 
 
 def _handle(problems: dict[str, str], dataset: Dataset, on_problem: str) -> None:
@@ -216,43 +300,48 @@ def _handle(problems: dict[str, str], dataset: Dataset, on_problem: str) -> None
 
 
 def _check_all(dataset: Dataset, on_problem: str) -> None:
-    """Check every case; for plain folders without declared labels, infer the class count from the data."""
-    num_classes = max(dataset.labels) + 1 if dataset.labels else None
+    """Check every case; for plain folders without declared labels, infer the classes from the values found."""
+    declared = set(dataset.labels) if dataset.labels else None
     problems: dict[str, str] = {}
-    highest = 0
+    found: set[int] = set()
     for case in dataset.cases:
         try:
-            highest = max(highest, _check_case(case, num_classes))
+            found |= _check_case(case, declared, dataset.channels)
         except (InputError, GeometryError) as err:
             if on_problem == "error":
                 raise
             problems[case.name] = str(err)
     _handle(problems, dataset, on_problem)
     if not dataset.labels and dataset.cases:
-        dataset.labels = {0: "background", **{i: f"class_{i}" for i in range(1, highest + 1)}}
+        dataset.labels = labels_from_values(found)
 
 
-def _check_case(case: Case, num_classes: int | None) -> int:
-    reference = read_geometry(case.images[0])
+def _check_case(case: Case, declared: Collection[int] | None, channels: int | None = None) -> set[int]:
+    """Headers of every file (4D channel files allowed) plus the label's values; returns those values."""
+    reference, count = read_channel_geometry(case.images[0])
     for path in case.images[1:]:
-        other = read_geometry(path)
+        other, n = read_channel_geometry(path)
         if not other.same_grid(reference):
             raise GeometryError(f"channel {path} does not share the voxel grid of {case.images[0]}: "
                                 f"{other.difference(reference)}")
+        count += n
+    if channels is not None and count != channels:
+        raise InputError(f"{case.images[0]}: case {case.name} has {count} channel(s) in {len(case.images)} file(s), "
+                         f"expected {channels}")
     if case.label is None:
-        return 0
+        return set()
     label_geometry = read_geometry(case.label)
     if not label_geometry.same_grid(reference):
         raise GeometryError(f"label {case.label} does not share the voxel grid of image {case.images[0]}: "
                             f"{label_geometry.difference(reference)}")
-    highest = int(read_label(case.label).max())
-    if num_classes is not None and highest >= num_classes:
-        raise InputError(f"{case.label}: label value {highest} found, but only {num_classes} classes "
-                         f"(0..{num_classes - 1}) are declared")
-    return highest
+    values = label_values(read_label(case.label))
+    check_label_values(case.label, values, declared)
+    return values
 
 
-def check_case(case: Case, num_classes: int | None) -> None:
-    """Raise GeometryError/InputError (naming the files) unless the case's images and label share a grid and
-    its label values are integers below `num_classes`."""
-    _check_case(case, num_classes)
+def check_case(case: Case, num_classes: int | None, *, values: Collection[int] | None = None,
+               channels: int | None = None) -> None:
+    """Raise GeometryError/InputError (naming the files) unless the case's images and label share a grid and its
+    label values are integers below `num_classes` (or, given `values`, among those declared values)."""
+    _check_case(case, values if values is not None else (range(num_classes) if num_classes is not None else None),
+                channels)

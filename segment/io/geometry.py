@@ -7,6 +7,7 @@ training, prediction and evaluation alike, before any compute.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,3 +165,22 @@ def from_canonical(array: np.ndarray, geometry: Geometry) -> np.ndarray:
         raise GeometryError(f"array of shape {array.shape} is not on the canonical grid {expected} "
                             f"of {geometry.source}")
     return _apply_spatial(array, inverse)
+
+
+def canonical_grid(geometry: Geometry) -> Geometry:
+    """The Geometry of `geometry`'s voxels after exact reorientation to RAS (no voxels are touched, none allocated)."""
+    ornt = io_orientation(geometry.affine)
+    shape = [0] * len(geometry.shape)
+    for axis, (target, _) in enumerate(ornt):
+        shape[int(target)] = geometry.shape[axis]
+    affine = geometry.affine @ inv_ornt_aff(ornt, geometry.shape)
+    return Geometry.from_affine(affine, tuple(shape), geometry.dtype, geometry.source)
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+    """Voxel count along each axis after resampling from `spacing` to `target` (mm), at least 1.
+
+    Halves round up, after rounding away float32 header noise: 101 voxels of 3 mm at 6 mm is 50.5 -> 51, whether
+    the header says 3.0 mm or 0.003 m (= 3.00000003 mm). Python's round() would give 50 for one and 51 for the other.
+    """
+    return tuple(max(1, int(np.floor(round(n * s / t, 4) + 0.5))) for n, s, t in zip(shape, spacing, target))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -34,6 +35,9 @@ class SegmentationModule(pl.LightningModule):
         )
         self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
         self.max_time_s = max_time_s
+        # training time spent, in every part of a resumed run: a Lightning Timer whose state is in the checkpoint
+        # (set by the runner, see segment.train.resume.clock); without one, a wall clock started at first use
+        self.clock: Any = None
         self._t0: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +65,11 @@ class SegmentationModule(pl.LightningModule):
         else:
             outputs = [self.model(image)]
         loss = self._supervised_loss(outputs, label)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0], sync_dist=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True, batch_size=image.shape[0])
+        n = image.shape[0]
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        # per step (every log_every_n_steps): the loss and the learning rate this step used, for curves and checks
+        self.log("train_loss_step", loss, on_step=True, on_epoch=False, batch_size=n)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=n)
         return loss
 
     # ---- validation on whole volumes ---------------------------------------------------------------------------
@@ -86,14 +93,20 @@ class SegmentationModule(pl.LightningModule):
         self.log("val_dice_mean", per_class.mean(), prog_bar=True, sync_dist=True)
 
     # ---- optimisation ----------------------------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        """Seconds of training so far, including the earlier parts of a resumed run."""
+        if self.clock is not None:
+            return float(self.clock.time_elapsed())
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        return time.monotonic() - self._t0
+
     def _progress(self, step: int) -> float:
-        """Fraction of the run done: by steps, or by wall-clock when a time budget ends the run sooner."""
+        """Fraction of the run done: by steps, or by training time when a time budget ends the run sooner."""
         t = self.cfg.train
         frac = step / max(1, t.max_epochs * t.steps_per_epoch)
         if self.max_time_s:
-            if self._t0 is None:
-                self._t0 = time.monotonic()
-            frac = max(frac, (time.monotonic() - self._t0) / self.max_time_s)
+            frac = max(frac, self._elapsed() / self.max_time_s)
         return min(frac, 1.0)
 
     def _lr_factor(self, step: int) -> float:

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from segment.config import Config, validate
+from segment.config import Config, parse_duration, validate
 from segment.data.pipeline import check_split, make_loaders, make_split
 from segment.data.plan import Plan, make_plan
 from segment.device import cpu_bf16_speedup, global_rank, training_accelerator, training_precision
-from segment.errors import ConfigError, InputError
+from segment.errors import InputError
 from segment.io.dataset import Dataset, discover
-from segment.run_folder import RunFolder
+from segment.run_folder import RunFolder, read_checkpoint
+from segment.train.resume import RunState, clock, resumed_config
 
 console = Console(stderr=True)
 
@@ -35,22 +35,6 @@ class TrainResult:
     val_dice: dict[str, float]
     steps: int
     seconds: float
-
-
-def parse_duration(text: str | None) -> float | None:
-    """'30m', '2h', '90s', '45' (minutes) or Lightning's 'DD:HH:MM:SS' -> seconds."""
-    if text is None:
-        return None
-    text = str(text).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text)
-    if m:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 60}[m.group(2)]
-        return float(m.group(1)) * unit
-    parts = text.split(":")
-    if len(parts) == 4 and all(p.isdigit() for p in parts):
-        d, h, mi, s = (int(p) for p in parts)
-        return float(((d * 24 + h) * 60 + mi) * 60 + s)
-    raise ConfigError(f"train.max_time: {text!r} is not a duration (use e.g. 30m, 2h, 90s or DD:HH:MM:SS)")
 
 
 class _NoTips(logging.Filter):
@@ -72,7 +56,15 @@ def _rank_zero() -> bool:
 
 
 def load_dataset(cfg: Config) -> Dataset:
-    """The configured dataset, or the embedded demo dataset (generated on first use)."""
+    """The configured dataset (or the embedded demo dataset), every case of it read and checked before training.
+
+    Any problem stops here with the full list (one line per case); with `data.skip_bad` the bad cases are left out and
+    `dataset.skipped` maps each one to its reason (for the run folder's skipped.json).
+    """
+    from rich.markup import escape
+
+    from segment.data.check import check_dataset
+
     if cfg.data.root is None:
         from segment.data.demo import ensure_demo_dataset
 
@@ -82,15 +74,30 @@ def load_dataset(cfg: Config) -> Dataset:
         root = cfg.data.root
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset = discover(root)
-    for w in caught[:10]:
-        console.print(f"[yellow]warning:[/] {w.message}")
+        dataset = discover(root, check=False)  # pairing only: structural problems land in dataset.skipped
+    for w in [w for w in caught if not str(w.message).startswith("skipping ")][:10]:  # skips are listed by the check
+        console.print(f"[yellow]warning:[/] {escape(str(w.message))}")
     if dataset.unpaired:
-        console.print(f"[yellow]{len(dataset.unpaired)} unpaired file(s) ignored[/], e.g. {dataset.unpaired[0]}")
-    if cfg.data.max_cases:
-        dataset.cases = dataset.cases[: cfg.data.max_cases]
+        console.print(f"[yellow]{len(dataset.unpaired)} unpaired file(s) ignored[/], e.g. {escape(str(dataset.unpaired[0]))}")
+    if cfg.data.max_cases:  # the first N cases by name, bad ones included, so a quick run checks only what it uses
+        first = set(sorted([c.name for c in dataset.cases] + list(dataset.skipped))[: cfg.data.max_cases])
+        dataset.cases = [c for c in dataset.cases if c.name in first]
+        dataset.skipped = {n: r for n, r in dataset.skipped.items() if n in first}
+    check_dataset(dataset, skip_bad=cfg.data.skip_bad)
+    if dataset.skipped:
+        console.print(f"[yellow]skipping {len(dataset.skipped)} case(s)[/] (data.skip_bad):")
+        for reason in dataset.skipped.values():
+            console.print(f"  {escape(reason)}", soft_wrap=True)
     if len(dataset.cases) < 2:
         raise InputError(f"{root}: need at least 2 labelled cases (one to train, one to validate), found {len(dataset.cases)}")
+    return dataset
+
+
+def _checked_dataset(cfg: Config, run: RunFolder) -> Dataset:
+    """`load_dataset`, recording the cases left out by --skip-bad (and why) in the run folder."""
+    dataset = load_dataset(cfg)
+    if dataset.skipped and _rank_zero():
+        run.write_json(run.SKIPPED, dataset.skipped)
     return dataset
 
 
@@ -104,14 +111,14 @@ def _apply_plan(cfg: Config, plan: Plan) -> Config:
     return validate(raw, "planned config")
 
 
-def plan_table(plan: Plan, precision: str, accelerator: str) -> Table:
+def plan_table(plan: Plan, precision: str, accelerator: str, seed: int | None = None) -> Table:
     table = Table(title="Plan", show_header=False)
     for key, value in [
         ("cases", plan.num_cases), ("classes", ", ".join(f"{k}:{v}" for k, v in plan.labels.items())),
         ("modality", plan.modality), ("spacing (mm)", plan.spacing), ("median shape", plan.median_shape),
         ("patch", plan.patch_size), ("batch", plan.batch_size), ("features", plan.features),
         ("mirrored axes", plan.tta_axes() or "none"),
-        ("device", accelerator), ("precision", precision),
+        ("device", accelerator), ("precision", precision), *([("seed", seed)] if seed is not None else []),
     ]:
         table.add_row(key, str(value))
     return table
@@ -126,18 +133,18 @@ def _warn_ordered_axes(ordered: dict[str, str], plan: Plan) -> None:
                           "are left/right or front/back counterparts, leave the axis out: --set data.augment.mirror_axes=[...]")
 
 
-def _setup_run(cfg: Config, run: RunFolder, resume: bool, accelerator: str, plan: Plan | None = None) -> tuple[Config, Plan, Dataset]:
+def _setup_run(cfg: Config, run: RunFolder, resume: bool, accelerator: str, plan: Plan | None = None,
+               given: dict[str, Any] | None = None) -> tuple[Config, Plan, Dataset]:
     """Plan a new run (saved in the run folder) or reload a resumed run's saved config and plan.
 
-    A given `plan` (e.g. shared by the variants of an ablation) is used instead of planning anew.
+    A given `plan` (e.g. shared by the variants of an ablation) is used instead of planning anew. A resumed run keeps
+    its own config except for the values `given` explicitly (see `resumed_config`).
     """
     if resume:
-        raw = run.read_config().model_dump(mode="json")
-        raw["train"].update({k: v for k, v in cfg.train.model_dump(mode="json").items() if k in ("max_epochs", "max_time")})
-        cfg = validate(raw, "resumed config")
+        cfg = resumed_config(run, given, cfg, console)
         plan = run.read_plan()
-        return cfg, plan, load_dataset(cfg)
-    dataset = load_dataset(cfg)
+        return cfg, plan, _checked_dataset(cfg, run)
+    dataset = _checked_dataset(cfg, run)
     fp: dict = {}
     if plan is None:
         plan, fp = make_plan(dataset, cfg, device=accelerator)
@@ -166,7 +173,7 @@ def _choose_split(run: RunFolder, dataset: Dataset, cfg: Config, given: dict[str
     return split
 
 
-def _trainer(cfg: Config, run: RunFolder, precision: str, accelerator: str, max_time_s: float | None) -> pl.Trainer:
+def _trainer(cfg: Config, run: RunFolder, precision: str, accelerator: str, extra: list) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
@@ -187,8 +194,9 @@ def _trainer(cfg: Config, run: RunFolder, precision: str, accelerator: str, max_
         strategy = f"{strategy}_find_unused_parameters_true"
     return pl.Trainer(
         accelerator=accelerator, devices=t.devices, strategy=strategy, num_nodes=t.num_nodes, precision=precision,
-        max_epochs=t.max_epochs, max_time=None if max_time_s is None else timedelta(seconds=max_time_s),
-        check_val_every_n_epoch=t.val_every, logger=loggers, callbacks=[best, last, RichProgressBar()],
+        # no max_time: the budget is kept by the Timer in `extra` (segment.train.resume.clock), over all parts of a run
+        max_epochs=t.max_epochs, max_time=None,
+        check_val_every_n_epoch=t.val_every, logger=loggers, callbacks=[best, last, *extra, RichProgressBar()],
         default_root_dir=run.path, log_every_n_steps=min(50, t.steps_per_epoch), num_sanity_val_steps=0,
         enable_model_summary=False, deterministic=False,
     )
@@ -196,11 +204,14 @@ def _trainer(cfg: Config, run: RunFolder, precision: str, accelerator: str, max_
 
 def train(
     cfg: Config, output: Path | None = None, resume: bool = False, *,
-    plan: Plan | None = None, split: dict[str, list[str]] | None = None,
+    plan: Plan | None = None, split: dict[str, list[str]] | None = None, given: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a model as configured; return where its checkpoints and metrics are.
 
     `plan` and `split` let several runs (an ablation) share exactly the same preprocessing, patch and cases.
+    `resume` continues the run in `output` exactly as it was started: its own config, changed only by the values
+    `given` explicitly ({"train.max_epochs": 8}; None: `cfg`'s max_epochs and max_time where they differ), and the
+    state in its last checkpoint (weights, optimiser, scaler, LR-schedule position, time spent, sampler, RNG).
     """
     _quiet_lightning()
     if cfg.train.threads:
@@ -209,18 +220,25 @@ def train(
     accelerator = training_accelerator(cfg.train.accelerator)
     name = (Path(cfg.data.root).name if cfg.data.root else "demo") + time.strftime("-%Y%m%d-%H%M%S")
     run = RunFolder(Path(output) if output else Path("runs") / name).create(resume=resume, writer=_rank_zero())
-    cfg, plan, dataset = _setup_run(cfg, run, resume, accelerator, plan)
+    if resume:
+        ckpt = read_checkpoint(run.last_checkpoint)  # one line, not a traceback, for a corrupt or foreign file
+        console.print(f"resuming {run.path} after epoch {ckpt.get('epoch')} (step {ckpt.get('global_step')})")
+    cfg, plan, dataset = _setup_run(cfg, run, resume, accelerator, plan, given)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     precision = _precision(cfg, plan, accelerator)
-    console.print(plan_table(plan, precision, accelerator))
+    console.print(plan_table(plan, precision, accelerator, cfg.seed))
     split = _choose_split(run, dataset, cfg, split, resume)
     console.print(f"split: {len(split['train'])} training / {len(split['val'])} validation cases (saved in {run.split_path})")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the run's seed (a resumed run's own), after planning
     train_loader, val_loader = make_loaders(dataset, split, plan, cfg)
 
     from segment.train.module import SegmentationModule
 
     max_time_s = parse_duration(cfg.train.max_time)
     module = SegmentationModule(cfg.model_dump(mode="json"), plan.to_dict(), max_time_s=max_time_s)
-    trainer = _trainer(cfg, run, precision, accelerator, max_time_s)
+    module.clock = clock(max_time_s)
+    trainer = _trainer(cfg, run, precision, accelerator, [module.clock, RunState(train_loader.sampler)])
     t0 = time.monotonic()
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_checkpoint) if resume else None)
     return _finish(trainer, run, time.monotonic() - t0)

@@ -1,0 +1,142 @@
+"""The pre-training check: every file is read once before the first step, and every problem is one line naming it."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from segment.config import load_config
+from segment.data.check import check_dataset, usable_cpus
+from segment.errors import InputError
+from segment.io.dataset import discover
+from segment.train.runner import load_dataset
+
+SHAPE = (12, 12, 12)
+GOOD = ["ok1", "ok2", "ok3"]
+# case -> (file that must be named, words its line must hold)
+BAD = {
+    "truncated": ("imagesTr/truncated.nii.gz", "not a readable NIfTI"),
+    "nan": ("imagesTr/nan.nii.gz", "NaN or infinite"),
+    "nanaffine": ("imagesTr/nanaffine.nii.gz", "degenerate geometry: the affine holds NaN"),
+    "zerocol": ("imagesTr/zerocol.nii.gz", "degenerate geometry: affine column 2 is zero"),
+    "moved": ("labelsTr/moved.nii.gz", "does not share the voxel grid of image"),
+    "fraction": ("labelsTr/fraction.nii.gz", "non-integer values"),
+    "undeclared": ("labelsTr/undeclared.nii.gz", "label value 2 found, but only 2 classes"),
+}
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(100, 20, SHAPE).astype(np.float32)  # incompressible: truncation hits voxels
+
+
+def _label(value: float = 1) -> np.ndarray:
+    out = np.zeros(SHAPE, np.float32)
+    out[3:7, 3:7, 3:7] = value
+    return out
+
+
+def _raw_sform(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """sform rows written as given (nibabel refuses to build a degenerate affine itself)."""
+    img = nib.Nifti1Image(data, None)
+    img.header["srow_x"], img.header["srow_y"], img.header["srow_z"] = affine[0], affine[1], affine[2]
+    img.header["sform_code"] = 1
+    return img
+
+
+def make_dataset(root: Path) -> Path:
+    """3 good cases and one case per problem the check must find; dataset.json declares labels 0 and 1."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a"}}))
+    for i, name in enumerate(GOOD + list(BAD)):
+        nib.save(nib.Nifti1Image(_image(i), np.eye(4)), root / "imagesTr" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(_label().astype(np.uint8), np.eye(4)), root / "labelsTr" / f"{name}.nii.gz")
+    good = gzip.compress(nib.Nifti1Image(_image(0), np.eye(4)).to_bytes())
+    (root / "imagesTr" / "truncated.nii.gz").write_bytes(good[: len(good) * 6 // 10])
+    nan = _image(1)
+    nan[2, 2, 2] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), root / "imagesTr" / "nan.nii.gz")
+    nib.save(_raw_sform(_image(2), np.diag([1.0, np.nan, 1.0, 1.0])), root / "imagesTr" / "nanaffine.nii.gz")
+    nib.save(_raw_sform(_image(3), np.diag([1.0, 1.0, 0.0, 1.0])), root / "imagesTr" / "zerocol.nii.gz")
+    nib.save(nib.Nifti1Image(_label().astype(np.uint8), np.diag([1.0, 1.0, 1.5, 1.0])), root / "labelsTr" / "moved.nii.gz")
+    nib.save(nib.Nifti1Image(_label(0.5), np.eye(4)), root / "labelsTr" / "fraction.nii.gz")
+    nib.save(nib.Nifti1Image(_label(2).astype(np.uint8), np.eye(4)), root / "labelsTr" / "undeclared.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("check"))
+
+
+def test_every_problem_is_one_line_naming_its_file(bad_root: Path) -> None:
+    dataset = discover(bad_root, check=False)  # pairing alone: headers and voxels are the check's job
+    assert len(dataset.cases) == len(GOOD) + len(BAD)
+    with pytest.raises(InputError) as err:
+        check_dataset(dataset, workers=2, progress=False)
+    head, *lines = str(err.value).splitlines()
+    assert head.startswith(f"{len(BAD)} of {len(GOOD) + len(BAD)} cases have problems") and "--skip-bad" in head
+    assert len(lines) == len(BAD)
+    for name, (path, words) in BAD.items():
+        mine = [line for line in lines if str(bad_root / path) in line]
+        assert len(mine) == 1 and words in mine[0], (name, lines)
+    assert not any(g in str(err.value) for g in GOOD)
+    assert len(dataset.cases) == len(GOOD) + len(BAD)  # nothing is dropped without skip_bad
+
+
+def test_skip_bad_keeps_the_rest_and_says_why(bad_root: Path) -> None:
+    dataset = discover(bad_root, check=False)
+    report = check_dataset(dataset, workers=2, skip_bad=True, progress=False)
+    assert [c.name for c in dataset.cases] == GOOD
+    assert sorted(dataset.skipped) == sorted(BAD)
+    for name, (path, words) in BAD.items():
+        assert str(bad_root / path) in dataset.skipped[name] and words in dataset.skipped[name]
+        assert "\n" not in dataset.skipped[name]
+    assert report.checked == len(GOOD) + len(BAD) and report.values == {0, 1}
+    assert usable_cpus() >= 1
+
+
+def test_structural_problems_from_discovery_are_in_the_list(tmp_path: Path) -> None:
+    """A case missing a channel file is a problem like any other: listed with the rest, skipped only on request."""
+    root = tmp_path / "two"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T2"}, "labels": {"0": "bg", "1": "a"}}))
+    for name in ("a", "b", "c"):
+        for channel in range(2 if name != "c" else 1):
+            nib.save(nib.Nifti1Image(_image(channel), np.eye(4)), root / "imagesTr" / f"{name}_{channel:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(_label().astype(np.uint8), np.eye(4)), root / "labelsTr" / f"{name}.nii.gz")
+    with pytest.warns(UserWarning, match="skipping case c"):
+        dataset = discover(root, check=False)
+    with pytest.raises(InputError, match=r"(?s)1 of 3 cases have problems.*case c: channels \[0\] found"):
+        check_dataset(dataset, progress=False)
+    check_dataset(dataset, skip_bad=True, progress=False)
+    assert [c.name for c in dataset.cases] == ["a", "b"] and list(dataset.skipped) == ["c"]
+
+
+def test_load_dataset_stops_by_default_and_skips_on_request(bad_root: Path) -> None:
+    with pytest.raises(InputError, match=rf"^{len(BAD)} of {len(GOOD) + len(BAD)} cases have problems"):
+        load_dataset(load_config(overrides=[f"data.root={bad_root}"]))
+    dataset = load_dataset(load_config(overrides=[f"data.root={bad_root}", "data.skip_bad=true"]))
+    assert [c.name for c in dataset.cases] == GOOD and sorted(dataset.skipped) == sorted(BAD)
+    assert json.loads(json.dumps(dataset.skipped)) == dataset.skipped  # what skipped.json holds
+    # max_cases takes the first N cases by name, bad ones included, and checks only those
+    small = load_dataset(load_config(overrides=[f"data.root={bad_root}", "data.skip_bad=true", "data.max_cases=6"]))
+    assert [c.name for c in small.cases] == ["ok1", "ok2"]
+    assert sorted(small.skipped) == ["fraction", "moved", "nan", "nanaffine"]
+
+
+def test_cli_prints_the_list_without_a_traceback(bad_root: Path, tmp_path: Path) -> None:
+    from segment.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--data", str(bad_root), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and f"{len(BAD)} of {len(GOOD) + len(BAD)} cases" in result.output
+    for path, words in BAD.values():
+        assert any(path in line and words in line for line in result.output.splitlines()), (path, result.output)
