@@ -131,9 +131,12 @@ def predict(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output file (one input) or folder")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="run folder or .ckpt (default: newest run in runs/)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    tta: Annotated[bool, typer.Option("--tta", help="mirror test-time augmentation")] = False,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="mirror test-time augmentation (default: the model's "
+                                                                       "predict.tta)")] = None,
     overlap: Annotated[Optional[float], typer.Option(help="sliding-window overlap (0..1)")] = None,
-    largest_component: Annotated[bool, typer.Option("--largest-component", help="keep the largest component per class")] = False,
+    largest_component: Annotated[Optional[bool], typer.Option(
+        "--largest-component/--all-components", help="keep the largest component per class (default: predict.largest_component)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, 32, bf16 or 16 (default: the model's predict.precision)")] = None,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="also write class probabilities")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace earlier outputs of segment (never other files)")] = False,
     series: Annotated[Optional[str], typer.Option(help="DICOM folder with several series: which one (UID, its start/end, or "
@@ -146,7 +149,7 @@ def predict(
     code = run_predict(
         inputs, output=output, model=model, device=device, tta=tta, overlap=overlap,
         largest_component=largest_component, save_probabilities=save_probabilities, overwrite=overwrite,
-        series=series, debug=debug,
+        series=series, debug=debug, precision=precision,
     )
     raise typer.Exit(code)
 

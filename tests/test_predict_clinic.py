@@ -344,3 +344,22 @@ def test_out_of_memory_on_one_case_is_one_line(tmp_path: Path, monkeypatch: pyte
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert (tmp_path / "b_seg.nii.gz").is_file() and not (tmp_path / "a_seg.nii.gz").exists()
     assert "a.nii.gz: OutOfMemoryError: out of memory" in result.output.replace("\n", " ")
+
+
+def test_the_models_predict_settings_are_used_unless_given(tmp_path: Path) -> None:
+    from segment.inference.predictor import Predictor
+
+    ckpt = make_checkpoint(tmp_path / "model.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    saved["hyper_parameters"]["config"]["predict"].update(tta=True, largest_component=True, precision="bf16",
+                                                           overlap=0.25)
+    torch.save(saved, ckpt)
+    default = Predictor.from_checkpoint(ckpt, "cpu")
+    assert (default.tta, default.largest_component, default.dtype, default.overlap) == (True, True, torch.bfloat16, 0.25)
+    given = Predictor.from_checkpoint(ckpt, "cpu", tta=False, largest_component=False, precision="32", overlap=0.5)
+    assert (given.tta, given.largest_component, given.dtype, given.overlap) == (False, False, None, 0.5)
+    scan = _save(tmp_path / "scan.nii.gz")
+    result = runner.invoke(app, ["predict", str(scan), "-m", str(ckpt), "--no-tta"])
+    assert result.exit_code == 0 and "--tta: mirroring" not in result.output
+    result = runner.invoke(app, ["predict", str(scan), "-m", str(ckpt), "-o", str(tmp_path / "t.nii.gz")])
+    assert result.exit_code == 0 and "--tta: mirroring axes" in result.output

@@ -83,7 +83,7 @@ def load_predictor(ckpt: Path, device: str = "auto") -> Predictor:
     from segment.inference.predictor import Predictor, load_checkpoint
 
     model, plan, config = load_checkpoint(ckpt)
-    return Predictor(model, plan, config, device=device, precision=config.predict.precision)
+    return Predictor(model, plan, config, device=device)  # None settings: the checkpoint's own predict config
 
 
 def class_names(predictor: Predictor) -> dict[int, str]:

@@ -34,12 +34,14 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0,
     out: dict[str, Any] = {"n": int(diff.size), "n_dropped": int((~keep).sum()), "ci": ci, "resamples": n}
     if diff.size == 0:
         return {**out, "mean": math.nan, "lo": math.nan, "hi": math.nan}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diff.size, size=(n, diff.size))
-    means = diff[idx].mean(axis=1)
-    alpha = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return {**out, "mean": float(diff.mean()), "lo": float(lo), "hi": float(hi)}
+    if diff.size == 1 or np.all(diff == diff[0]):  # scipy refuses a degenerate sample; every resample has this mean
+        return {**out, "mean": float(diff[0]), "lo": float(diff[0]), "hi": float(diff[0])}
+    from scipy.stats import bootstrap
+
+    res = bootstrap((diff,), np.mean, n_resamples=n, confidence_level=ci, method="percentile",
+                    random_state=np.random.default_rng(seed), vectorized=True)
+    interval = res.confidence_interval
+    return {**out, "mean": float(diff.mean()), "lo": float(interval.low), "hi": float(interval.high)}
 
 
 def per_case_values(rows: list[dict[str, Any]], metric: str, name: str = ALL) -> dict[str, float]:

@@ -140,9 +140,9 @@ def _summary(result: dict) -> str:
             f"{escape(volumes) or 'no foreground'} -> {escape(result['output'])}")
 
 
-def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | None, device: str, tta: bool,
-                overlap: float | None, largest_component: bool, save_probabilities: bool, overwrite: bool,
-                series: str | None = None, debug: bool = False) -> int:
+def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | None, device: str, tta: bool | None,
+                overlap: float | None, largest_component: bool | None, save_probabilities: bool, overwrite: bool,
+                series: str | None = None, debug: bool = False, precision: str | None = None) -> int:
     """Segment every case; 0 when all succeeded, 1 when any input or case failed (all are listed at the end)."""
     from segment.inference.predictor import Predictor
     from segment.run_folder import resolve_checkpoint
@@ -155,7 +155,8 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
         console.print("nothing to segment")
         return 1
     ckpt = resolve_checkpoint(model)
-    predictor = Predictor.from_checkpoint(ckpt, device, overlap=overlap, tta=tta, largest_component=largest_component)
+    predictor = Predictor.from_checkpoint(ckpt, device, overlap=overlap, tta=tta, largest_component=largest_component,
+                                          precision=precision)
     cases, note = group_numbered(files, predictor.plan.channels)
     cases += dicom_cases
     if note:
@@ -170,7 +171,7 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
     todo = [c for c in cases if c.key not in failures]
     if todo:
         console.print(f"model {escape(str(ckpt))} on {predictor.device} ({len(todo)} case(s))")
-        if tta:
+        if predictor.tta:
             axes = predictor.plan.tta_axes()
             console.print(f"--tta: mirroring axes {axes} (those the model was trained to mirror)" if axes else
                           "[yellow]--tta: this model was trained without mirroring (data.augment.mirror_axes=[]), "

@@ -13,6 +13,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import voxel_sizes
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from segment.errors import GeometryError, InputError
@@ -68,7 +69,7 @@ class Geometry:
     ) -> Geometry:
         """Build a geometry whose spacing and orientation are derived from the affine (they cannot disagree)."""
         affine = check_affine(affine, source)
-        spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        spacing = tuple(float(s) for s in voxel_sizes(affine))
         return cls(affine, tuple(shape), spacing, tuple(nib.aff2axcodes(affine)), dtype, source, header)
 
     @property
