@@ -151,3 +151,29 @@ def global_rank(devices_per_node: int = 1) -> int:
             continue
     node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     return node * max(1, devices_per_node) + local
+
+
+# ---- memory ------------------------------------------------------------------------------------------------------
+def available_memory_bytes() -> int | None:
+    """Memory this process can still allocate: MemAvailable, capped by a container (cgroup v2/v1) limit; None if unknown."""
+    from pathlib import Path
+
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit() and int(limit) < 2**60:
+            room = int(limit) - int(usage)
+            available = room if available is None else min(available, room)
+        break
+    return available

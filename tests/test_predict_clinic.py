@@ -363,3 +363,34 @@ def test_the_models_predict_settings_are_used_unless_given(tmp_path: Path) -> No
     assert result.exit_code == 0 and "--tta: mirroring" not in result.output
     result = runner.invoke(app, ["predict", str(scan), "-m", str(ckpt), "-o", str(tmp_path / "t.nii.gz")])
     assert result.exit_code == 0 and "--tta: mirroring axes" in result.output
+
+
+def test_a_scan_too_big_for_memory_is_one_line_before_compute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import segment.inference.predictor as predictor_module
+
+    ckpt = make_checkpoint(tmp_path / "model.ckpt")
+    for name in ("big", "small"):
+        nib.save(nib.Nifti1Image(_ball(SHAPE if name == "small" else (48, 40, 32)), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    # 48x40x32 needs ~1.1 MB here, 24x20x16 ~0.15 MB: a machine with 0.5 MB free can do only the small one
+    monkeypatch.setattr(predictor_module, "available_memory_bytes", lambda: 500_000)
+    result = runner.invoke(app, ["predict", str(tmp_path / "big.nii.gz"), str(tmp_path / "small.nii.gz"), "-m", str(ckpt)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("failed"))
+    assert "big.nii.gz" in line and "needs about" in line and "GB is available" in line
+    assert (tmp_path / "small_seg.nii.gz").is_file() and not (tmp_path / "big_seg.nii.gz").exists()
+
+
+def test_memory_estimate_for_a_whole_body_ct_fits_the_target() -> None:
+    from segment.config import Config, ModelConfig
+    from segment.data.plan import Plan
+    from segment.inference.predictor import Predictor
+    from segment.io.geometry import Geometry
+
+    plan = Plan(spacing=[1.5, 1.5, 1.5], patch_size=[64, 64, 64], batch_size=2, features=[4, 8], modality="ct",
+                channels=1, labels={i: f"c{i}" for i in range(104)})
+    cfg = Config(model=ModelConfig(out_channels=104, features=[4, 8]))
+    predictor = Predictor(torch.nn.Conv3d(1, 104, 1), plan, cfg, device="cpu", precision="32")
+    ct = Geometry.from_affine(np.diag([0.8, 0.8, 1.5, 1.0]), (512, 512, 600))
+    need = predictor.memory_needed(ct)
+    all_classes = 104 * 4 * 512 * 512 * 600  # one float32 copy of every class at full resolution: ~65 GB
+    assert need < 8 * 2**30 and need < all_classes / 10

@@ -20,11 +20,11 @@ from segment.config import Config
 from segment.data.labels import class_values, decode_labels
 from segment.data.plan import Plan
 from segment.data.preprocess import prepare_image, to_source_grid
-from segment.device import inference_dtype, resolve_device
+from segment.device import available_memory_bytes, inference_dtype, resolve_device
 from segment.errors import GeometryError, InputError
 from segment.inference.stream import predict_canonical_labels
 from segment.io.case import read_case
-from segment.io.geometry import Geometry, canonical_grid
+from segment.io.geometry import Geometry, canonical_grid, resampled_shape
 from segment.io.nifti import check_target, nifti_geometry, to_nifti_image, write_image, write_label
 from segment.run_folder import read_checkpoint, resolve_checkpoint
 
@@ -99,6 +99,34 @@ class Predictor:
             raise InputError(f"{geometry.source}: image of shape {geometry.shape} is 2D (a single slice); "
                              "the model is 3D and needs a volume")
 
+    def memory_needed(self, geometry: Geometry, probability_bytes: int = 0) -> int:
+        """Bytes a prediction of this scan will add, beyond the channels already read (an upper estimate).
+
+        A canonical copy of the channels and the network-grid input (float32), the label map at both resolutions, one
+        slab of class scores (several with TTA, see `segment.inference.stream.SLAB_BYTES`), and the probabilities
+        on the scan's grid when they are asked for.
+        """
+        from segment.inference.stream import SLAB_BYTES
+
+        voxels = float(np.prod(geometry.shape))
+        net = float(np.prod(resampled_shape(canonical_grid(geometry).shape, canonical_grid(geometry).spacing,
+                                            self.plan.spacing)))
+        k, c = int(self.config.model.out_channels), int(self.plan.channels)
+        copies = 2 if self.tta else 1
+        slab = min(4.0 * k * net * copies, 3.0 * SLAB_BYTES * copies)
+        return int(4 * c * (voxels + net) + 3 * (voxels + net) + slab + 2 * probability_bytes * k * voxels)
+
+    def _check_memory(self, geometry: Geometry, probability_bytes: int) -> None:
+        """A scan too big for this machine is one line naming it and the estimate, not an out-of-memory kill."""
+        if self.device.type != "cpu":
+            return  # on a GPU the slabs live on the device; host memory holds only the label map and the input
+        need, have = self.memory_needed(geometry, probability_bytes), available_memory_bytes()
+        if have is not None and need > have:
+            raise InputError(f"{geometry.source}: predicting this scan ({'x'.join(map(str, geometry.shape))} voxels, "
+                             f"{self.config.model.out_channels} classes) needs about {need / 2**30:.1f} GB of memory, "
+                             f"{have / 2**30:.1f} GB is available; free memory, leave out --save-probabilities/--tta, "
+                             "or use a machine with more memory")
+
     def _canonical_probabilities(self, channels: list[np.ndarray], geometry: Geometry,
                                  probabilities: type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(labels, probabilities of dtype `probabilities` or None) on the canonical source grid, as numpy arrays.
@@ -107,6 +135,7 @@ class Predictor:
         is bounded by the label map (plus the probabilities only when asked for them).
         """
         self._check_input(channels, geometry)
+        self._check_memory(geometry, np.dtype(probabilities).itemsize if probabilities is not None else 0)
         x = prepare_image(channels, geometry, self.plan)[None].to(self.device)
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with torch.inference_mode(), autocast:
