@@ -1,6 +1,6 @@
 """Peak memory and time of streamed prediction against the all-classes path (issue 15), one fresh process per cell.
 
-The all-classes path is what `Predictor` did before `segment.inference.stream`: MONAI `sliding_window_inference`
+The all-classes path is what `Predictor` did before `segment.engine.stream`: MONAI `sliding_window_inference`
 for the whole volume, softmax, all K probabilities resized to the scan's canonical grid, argmax. The streamed path
 (`predict_canonical_labels`) runs the same windows slab by slab and keeps only labels. Both start from the same
 preprocessed network input of a synthetic scan, with a random-weight U-Net (features 8, 16, 32, 64); weights change
@@ -49,8 +49,8 @@ def child(row: str, path: str, out: Path, device: str) -> None:
     from segment.config import ModelConfig
     from segment.data.plan import Plan
     from segment.data.preprocess import canonical_grid, prepare_image, restore_probabilities
-    from segment.inference.sliding import softmax_probabilities
-    from segment.inference.stream import predict_canonical_labels
+    from segment.engine.sliding import softmax_probabilities
+    from segment.engine.stream import predict_canonical_labels
     from segment.io.image import Geometry
     from segment.nets import build_model
 
@@ -107,6 +107,7 @@ def run_cell(row: str, path: str, folder: Path, device: str = "cpu") -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", choices=sorted(ROWS), help="only these rows (default: small, ct[, big])")
     ap.add_argument("--big", action="store_true", help="add the 104-class 512x512x600 CT (streamed path only if the "
                                                        "all-classes one does not fit in memory)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (then the GPU peak is reported too)")
@@ -115,7 +116,7 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1], Path(args.child[2]), args.device)
         return
-    rows = ["small", "ct"] + (["big"] if args.big else [])
+    rows = args.rows or (["small", "ct"] + (["big"] if args.big else []))
     header = f"{'case':<56} {'path':<12} {'seconds':>8} {'peak RSS MB':>12} {'extra MB':>9} {'same labels':>12}"
     header += f" {'GPU MB':>8}" if args.device.startswith("cuda") else ""
     print(header)

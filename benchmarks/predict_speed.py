@@ -28,7 +28,7 @@ from segment.config import Config, ModelConfig
 from segment.data.plan import Plan
 from segment.data.preprocess import prepare_image, restore_probabilities, to_source_grid
 from segment.inference.predictor import Predictor
-from segment.inference.sliding import flip_sets, window_batch
+from segment.engine.sliding import flip_sets, window_batch
 from segment.io.image import Geometry, read_image
 from segment.nets import build_model
 

@@ -181,7 +181,7 @@ def ablate(
     variants: Annotated[str, typer.Option(help="comma-separated skip settings, e.g. 'all,none' or 'all,none,[0]'")] = "all,none",
 ) -> None:
     """Train models that differ only in their skip connections and report what that does to boundaries."""
-    from segment.evaluation.ablate import run_ablation
+    from segment.experiments.ablate import run_ablation
 
     cfg = _config(config, set_, {"data.root": data})
     run_ablation(cfg, output=output, budget=budget, variants=variants)

@@ -12,9 +12,9 @@ import torch
 
 from segment.config import ModelConfig, load_config
 from segment.errors import ConfigError
-from segment.evaluation.ablate import (DEFAULT_BUDGET, TIME_LIMITED_EPOCHS, _with_budget, parse_variants, pick_cases,
+from segment.experiments.ablate import (DEFAULT_BUDGET, TIME_LIMITED_EPOCHS, _with_budget, parse_variants, pick_cases,
                                        run_ablation, variant_name)
-from segment.evaluation.gradients import encoder_grad_norms, foreground_patches, mean_encoder_grad_norms
+from segment.experiments.gradients import encoder_grad_norms, foreground_patches, mean_encoder_grad_norms
 from segment.nets import build_model
 
 TINY = ["model.features=[4,8]", "data.patch_size=[24,24,24]", "data.batch_size=2", "train.steps_per_epoch=2",

@@ -109,10 +109,10 @@ def test_resume_misuse_is_one_line(captured: dict, args: list[str], says: str) -
 
 
 def test_ablate_data_is_a_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    import segment.evaluation.ablate
+    import segment.experiments.ablate
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(segment.evaluation.ablate, "run_ablation", lambda cfg, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(segment.experiments.ablate, "run_ablation", lambda cfg, **kw: seen.update(cfg=cfg))
     result = runner.invoke(app, ["ablate", "--data", "2024"])
     assert result.exit_code == 0, result.output
     assert seen["cfg"].data.root == Path("2024")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from segment.errors import InputError
-from segment.evaluation.figures import (boundary_error_profile, plot_boundary_error, plot_contours, plot_gradient_norms,
+from segment.figures import (boundary_error_profile, plot_boundary_error, plot_contours, plot_gradient_norms,
                                         plot_training_curves, pool_profiles)
 from segment.evaluation.report import write_report
 from segment.evaluation.stats import paired_arrays, paired_bootstrap, per_case_values

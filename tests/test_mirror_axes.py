@@ -13,7 +13,7 @@ from segment.config import Config, DataConfig, validate
 from segment.data.pipeline import augmentations
 from segment.data.plan import Plan, label_centroids, make_plan, ordered_axes
 from segment.errors import ConfigError
-from segment.inference.sliding import flip_sets, sliding_logits, softmax_probabilities
+from segment.engine.sliding import flip_sets, sliding_logits, softmax_probabilities
 from segment.io.dataset import discover
 from segment.io.image import Geometry
 

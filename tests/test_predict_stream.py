@@ -14,10 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from segment.config import Config, ModelConfig
 from segment.data.plan import Plan
 from segment.data.preprocess import restore_probabilities
-from segment.inference import stream
+from segment.engine import stream
 from segment.inference.predictor import Predictor
-from segment.inference.sliding import softmax_probabilities
-from segment.inference.stream import linear_taps, predict_canonical_labels, window_corners
+from segment.engine.sliding import softmax_probabilities
+from segment.engine.stream import linear_taps, predict_canonical_labels, window_corners
 from segment.io.image import Geometry
 from segment.nets import build_model
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from segment.config import ModelConfig
-from segment.inference.sliding import sliding_logits, softmax_probabilities
-from segment.inference.tiler import reflect_pad, tiled_logits, window_geometry
+from segment.engine.sliding import sliding_logits, softmax_probabilities
+from segment.engine.tiler import reflect_pad, tiled_logits, window_geometry
 from segment.nets import build_model
 
 
@@ -85,7 +85,7 @@ def test_mirror_tta_of_a_symmetric_input_is_its_plain_prediction() -> None:
 
 def test_mirror_tta_undoes_every_flip_for_an_asymmetric_net() -> None:
     """TTA = mean over the 8 mirrorings of softmax(net(flipped x)) flipped back, whatever the chunking."""
-    from segment.inference.sliding import flip_sets
+    from segment.engine.sliding import flip_sets
 
     torch.manual_seed(2)
     net = torch.nn.Conv3d(1, 3, 3, padding=1)  # a 3x3x3 kernel is not mirror-symmetric: a missed un-flip shows
@@ -103,7 +103,7 @@ def test_mirror_tta_undoes_every_flip_for_an_asymmetric_net() -> None:
 
 
 def test_window_batch_defaults_per_device_and_keeps_a_configured_value() -> None:
-    from segment.inference.sliding import window_batch
+    from segment.engine.sliding import window_batch
 
     assert window_batch(None, "cpu") == 2
     assert window_batch(None, "cuda") == 4

@@ -24,7 +24,7 @@ LAYERS: list[list[str]] = [
     ["io"],
     ["data"],
     ["nets"],
-    ["device", "run_folder"],
+    ["device", "run_folder", "figures"],
     ["engine"],
     ["inference"],
     ["train", "evaluation", "doctor"],

@@ -1,4 +1,4 @@
-"""Evaluation: per-case metrics (MONAI, in mm), paired bootstrap statistics, figures and the ablation report.
+"""Evaluation: per-case metrics (MONAI, in mm), paired bootstrap statistics and the report (figures: `segment.figures`).
 
 Names are imported lazily so `import segment.evaluation` does not pull in torch, MONAI or matplotlib until used.
 """
@@ -12,8 +12,6 @@ _EXPORTS = {
     "METRICS": "metrics", "case_metrics": "metrics", "evaluate_cases": "metrics", "write_csv": "metrics",
     "summarize": "metrics", "summary_table": "metrics",
     "paired_bootstrap": "stats", "paired_arrays": "stats", "compare": "stats",
-    "plot_contours": "figures", "boundary_error_profile": "figures", "pool_profiles": "figures",
-    "plot_boundary_error": "figures", "plot_training_curves": "figures", "plot_gradient_norms": "figures",
     "write_report": "report",
 }
 __all__ = sorted(_EXPORTS)

@@ -22,7 +22,7 @@ from segment.data.plan import Plan
 from segment.data.preprocess import prepare_image, to_source_grid
 from segment.device import available_memory_bytes, inference_dtype, resolve_device
 from segment.errors import GeometryError, InputError
-from segment.inference.stream import predict_canonical_labels
+from segment.engine.stream import predict_canonical_labels
 from segment.io.case import read_case
 from segment.io.geometry import Geometry, canonical_grid, resampled_shape
 from segment.io.nifti import check_target, nifti_geometry, to_nifti_image, write_image, write_label
@@ -103,10 +103,10 @@ class Predictor:
         """Bytes a prediction of this scan will add, beyond the channels already read (an upper estimate).
 
         A canonical copy of the channels and the network-grid input (float32), the label map at both resolutions, one
-        slab of class scores (several with TTA, see `segment.inference.stream.SLAB_BYTES`), and the probabilities
+        slab of class scores (several with TTA, see `segment.engine.stream.SLAB_BYTES`), and the probabilities
         on the scan's grid when they are asked for.
         """
-        from segment.inference.stream import SLAB_BYTES
+        from segment.engine.stream import SLAB_BYTES
 
         voxels = float(np.prod(geometry.shape))
         net = float(np.prod(resampled_shape(canonical_grid(geometry).shape, canonical_grid(geometry).spacing,
@@ -131,7 +131,7 @@ class Predictor:
                                  probabilities: type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(labels, probabilities of dtype `probabilities` or None) on the canonical source grid, as numpy arrays.
 
-        Streamed slab by slab (`segment.inference.stream`): never K x voxels floats at either resolution, so memory
+        Streamed slab by slab (`segment.engine.stream`): never K x voxels floats at either resolution, so memory
         is bounded by the label map (plus the probabilities only when asked for them).
         """
         self._check_input(channels, geometry)

@@ -48,6 +48,8 @@ def _quiet_lightning() -> None:
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoTips())
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    # a new run's folder is always empty (RunFolder refuses another); a resumed run's holds its own checkpoints
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def _rank_zero() -> bool:
@@ -141,7 +143,7 @@ def _setup_run(cfg: Config, run: RunFolder, resume: bool, accelerator: str, plan
     its own config except for the values `given` explicitly (see `resumed_config`).
     """
     if resume:
-        cfg = resumed_config(run, given, cfg, console)
+        cfg = resumed_config(run, given, cfg, console if _rank_zero() else None)
         plan = run.read_plan()
         return cfg, plan, _checked_dataset(cfg, run)
     dataset = _checked_dataset(cfg, run)
@@ -178,9 +180,11 @@ def _trainer(cfg: Config, run: RunFolder, precision: str, accelerator: str, extr
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.train
-    # A resumed run logs into logs/resumeN/ so the CSV of the earlier part is kept (CSVLogger deletes an existing file).
-    parts = run.metric_logs()
-    loggers: list = [CSVLogger(run.path, name=run.LOGS, version=f"resume{len(parts)}" if parts else "")]
+    # A resumed run logs into a new logs/resumeN/ so the CSV of the earlier parts is kept (CSVLogger deletes an existing
+    # file); N counts every earlier part, also one that logged nothing (a resume of a finished run)
+    resumed = [p for p in run.logs_dir.glob("resume*") if p.is_dir()]
+    version = f"resume{len(resumed) + 1}" if resumed or run.metric_logs() else ""
+    loggers: list = [CSVLogger(run.path, name=run.LOGS, version=version)]
     if t.tensorboard:
         loggers.append(TensorBoardLogger(run.path, name=run.TENSORBOARD, version=""))
     best = ModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.BEST, monitor="val_dice_mean", mode="max")
@@ -222,10 +226,12 @@ def train(
     run = RunFolder(Path(output) if output else Path("runs") / name).create(resume=resume, writer=_rank_zero())
     if resume:
         ckpt = read_checkpoint(run.last_checkpoint)  # one line, not a traceback, for a corrupt or foreign file
-        console.print(f"resuming {run.path} after epoch {ckpt.get('epoch')} (step {ckpt.get('global_step')})")
+        if _rank_zero():
+            console.print(f"resuming {run.path} after epoch {ckpt.get('epoch')} (step {ckpt.get('global_step')})")
     cfg, plan, dataset = _setup_run(cfg, run, resume, accelerator, plan, given)
-    if cfg.train.threads:
+    if resume and cfg.train.threads:  # the resumed run's own settings
         torch.set_num_threads(cfg.train.threads)
+    accelerator = training_accelerator(cfg.train.accelerator) if resume else accelerator
     precision = _precision(cfg, plan, accelerator)
     console.print(plan_table(plan, precision, accelerator, cfg.seed))
     split = _choose_split(run, dataset, cfg, split, resume)
@@ -286,7 +292,7 @@ def _finish(trainer: pl.Trainer, run: RunFolder, seconds: float) -> TrainResult:
     if trainer.is_global_zero:
         run.write_summary(summary)
         try:
-            from segment.evaluation.figures import plot_training_curves
+            from segment.figures import plot_training_curves
 
             plot_training_curves({"run": merge_metrics(run)}, run / run.CURVES)
         except Exception as err:  # a plotting problem must not hide a finished training run

@@ -1,4 +1,4 @@
-"""Figures for evaluation and ablation reports, drawn with matplotlib's Agg backend (no screen needed).
+"""Figures from plain arrays and logs (contours, boundary error, training curves, gradient norms), for reports and runs.
 
 Every function writes one PNG and returns its path, so a report can embed it by relative path.
 """

@@ -141,7 +141,7 @@ def _checkpoint(result: Any, name: str) -> Path:
 def _evaluate_all(ckpts: dict[str, Path], cases: list[Any], cfg: Config) -> tuple[dict[str, list], dict[str, dict]]:
     """Rows and pooled boundary-error profiles per variant, all on the same validation cases."""
     from segment.evaluation.evaluate import load_predictor, score_cases
-    from segment.evaluation.figures import boundary_error_profile, pool_profiles
+    from segment.figures import boundary_error_profile, pool_profiles
 
     variants, profiles = {}, {}
     for name, ckpt in ckpts.items():
@@ -161,7 +161,7 @@ def _grad_norms(run_dirs: dict[str, Path], plan: Any, cases: list[Any], seed: in
     import pytorch_lightning as pl
 
     from segment.data.preprocess import load_case
-    from segment.evaluation.gradients import foreground_patches, mean_encoder_grad_norms
+    from segment.experiments.gradients import foreground_patches, mean_encoder_grad_norms
     from segment.train.module import SegmentationModule
 
     items = [load_case(c.images, c.label, plan) for c in cases[:GRAD_CASES]]
@@ -197,7 +197,7 @@ def pick_cases(variants: dict[str, list[dict[str, Any]]], n: int = 3) -> list[tu
 def _figures(out: Path, ckpts: dict[str, Path], variants: dict[str, list], profiles: dict[str, dict],
              run_dirs: dict[str, Path], norms: dict[str, list[float]], cases: list[Any]) -> dict[str, Path]:
     from segment.evaluation.evaluate import load_predictor, predict_labels, read_case_arrays
-    from segment.evaluation.figures import (plot_boundary_error, plot_contours, plot_gradient_norms,
+    from segment.figures import (plot_boundary_error, plot_contours, plot_gradient_norms,
                                             plot_training_curves)
     from segment.run_folder import RunFolder
 

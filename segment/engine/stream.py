@@ -25,7 +25,7 @@ from monai.data.utils import dense_patch_slices
 from torch import Tensor, nn
 
 from segment.data.plan import Plan
-from segment.inference.sliding import _weight_map, flip_sets, softmax_probabilities, window_batch
+from segment.engine.sliding import _weight_map, flip_sets, softmax_probabilities, window_batch
 
 SLAB_BYTES = 512 * 2**20  # fp32 class scores held per slab (and per resampled chunk)
 
@@ -237,7 +237,7 @@ def predict_canonical_labels(
     want = np.dtype(probability_dtype) if want_probabilities else None
     batch = window_batch(sw_batch_size, x.device)
     if getattr(getattr(model, "cfg", None), "padding", "same") == "valid":
-        # Valid-padded networks place their smaller outputs on their own tiling (segment.inference.tiler), which
+        # Valid-padded networks place their smaller outputs on their own tiling (segment.engine.tiler), which
         # this module does not slab yet: their probabilities come whole at network resolution (K x network grid),
         # and only the resize to the scan's grid (the larger half) is streamed.
         probs = softmax_probabilities(model, x, roi, overlap=overlap, sw_batch_size=batch, blend=blend, tta=tta,

@@ -1,7 +1,7 @@
 """Window-wise prediction over a whole volume.
 
 Same-padded networks use MONAI's `sliding_window_inference` (Gaussian blending). Valid-padded networks (output smaller
-than input) need overlap-tile prediction, which lives in `segment.inference.tiler`.
+than input) need overlap-tile prediction, which lives in `segment.engine.tiler`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def sliding_logits(
     """Logits (N, K, *spatial) for an image (N, C, *spatial) of any size, window by window."""
     sw_batch_size = window_batch(sw_batch_size, image.device)
     if getattr(getattr(model, "cfg", None), "padding", "same") == "valid":
-        from segment.inference.tiler import tiled_logits
+        from segment.engine.tiler import tiled_logits
 
         return tiled_logits(model, image, patch_size, overlap=overlap, sw_batch_size=sw_batch_size, blend=blend)
     roi = tuple(int(p) for p in patch_size)
