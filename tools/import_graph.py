@@ -116,6 +116,45 @@ def dot(edges: dict[str, set[str]]) -> str:
     return "\n".join(lines)
 
 
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of modules that import each other, directly or through others (Tarjan's strongly connected components).
+
+    A package's `__init__` that only re-exports its own modules is not counted as part of a cycle with them.
+    """
+    graph_ = {m: {t for t in ts if t in edges and not (m.startswith(t + ".") or t == m)} for m, ts in edges.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph_.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                group.append(top)
+                if top == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph_):
+        if node not in index:
+            visit(node)
+    return found
+
+
 def main(argv: list[str]) -> int:
     edges = graph()
     if "--dot" in argv:
@@ -129,7 +168,11 @@ def main(argv: list[str]) -> int:
     print(f"\n{len(bad)} layering violation(s)" + (":" if bad else ""))
     for line in bad:
         print("  " + line)
-    return 1 if bad else 0
+    loops = cycles(edges)
+    print(f"{len(loops)} import cycle(s)" + (":" if loops else ""))
+    for group in loops:
+        print("  " + " <-> ".join(group))
+    return 1 if bad or loops else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from segment.errors import GeometryError, InputError
-from segment.io.image import _itk_affine
+from segment.io.geometry import itk_affine
 
 _ORIENTATION_TOL = 1e-4  # direction cosines: about 0.006 degrees
 _TOL_MM = 0.01  # a slice may sit off the regular grid by max(0.01 mm, 1% of the spacing concerned)
@@ -216,4 +216,4 @@ def read_dicom_series(folder: Path, series: str | None = None) -> tuple[np.ndarr
     image = _read_checked(where, folder, info.uid, files, spacing)
     array = sitk.GetArrayFromImage(image)  # (z, y, x[, c])
     array = np.transpose(array, (2, 1, 0, *range(3, array.ndim)))
-    return array, _itk_affine(image), str(array.dtype)
+    return array, itk_affine(image), str(array.dtype)

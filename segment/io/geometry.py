@@ -18,6 +18,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from segment.errors import GeometryError, InputError
 
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # ITK/DICOM patient axes -> nibabel RAS+
 MIN_VOXEL_MM = 1e-6  # a column shorter than this (or |det| below its cube) is a degenerate grid, not a tiny voxel
 
 
@@ -185,3 +186,13 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
     the header says 3.0 mm or 0.003 m (= 3.00000003 mm). Python's round() would give 50 for one and 51 for the other.
     """
     return tuple(max(1, int(np.floor(round(n * s / t, 4) + 0.5))) for n, s, t in zip(shape, spacing, target))
+
+
+def itk_affine(image: Any) -> np.ndarray:
+    """ITK (LPS, origin/spacing/direction) -> nibabel RAS+ affine for (x, y, z) voxel indices."""
+    dim = image.GetDimension()
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(np.array(image.GetSpacing(), dtype=np.float64)[:3])
+    affine[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin(), dtype=np.float64)[:3]
+    return affine

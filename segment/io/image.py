@@ -9,13 +9,12 @@ and (x, y, z) index order, so the rest of the code never sees ITK's LPS / (z, y,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
 
 from segment.errors import GeometryError, InputError
-from segment.io.geometry import Geometry, check_affine, from_canonical, to_canonical
+from segment.io.geometry import Geometry, check_affine, from_canonical, itk_affine, to_canonical
 from segment.io.nifti import is_nifti as _is_nifti
 from segment.io.nifti import nifti_geometry, write_image, write_label
 
@@ -23,7 +22,6 @@ __all__ = ["Geometry", "check_affine", "from_canonical", "read_channels", "read_
            "to_canonical", "write_image", "write_label"]
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def _check_exists(path: str | Path) -> Path:
@@ -31,16 +29,6 @@ def _check_exists(path: str | Path) -> Path:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     return path
-
-
-def _itk_affine(image: Any) -> np.ndarray:
-    """ITK (LPS, origin/spacing/direction) -> nibabel RAS+ affine for (x, y, z) voxel indices."""
-    dim = image.GetDimension()
-    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
-    affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(np.array(image.GetSpacing(), dtype=np.float64)[:3])
-    affine[:3, 3] = _LPS_TO_RAS @ np.array(image.GetOrigin(), dtype=np.float64)[:3]
-    return affine
 
 
 def _read_itk(path: Path, series: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -60,7 +48,7 @@ def _read_itk(path: Path, series: str | None = None) -> tuple[np.ndarray, np.nda
     array = sitk.GetArrayFromImage(image)  # (z, y, x[, c]) for 3D
     spatial = image.GetDimension()
     array = np.transpose(array, tuple(reversed(range(spatial))) + tuple(range(spatial, array.ndim)))
-    return array, _itk_affine(image), str(array.dtype)
+    return array, itk_affine(image), str(array.dtype)
 
 
 def _load_nifti(path: Path) -> nib.Nifti1Image:
