@@ -95,6 +95,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --output from its last checkpoint, with "
                                                           "its own config; only the options given change it")] = False,
     split: Annotated[Optional[Path], typer.Option(help="reuse a split.json (train/val case names) from another run")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="ct, mri or other: overrides dataset.json and CT detection (data.modality)")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="train on the cases that pass the pre-training check; list "
+                                                              "the others with the reason in skipped.json (data.skip_bad)")] = False,
 ) -> None:
     """Train a U-Net. With no arguments, trains on the embedded demo dataset (generated on first use)."""
     if resume and output is None:
@@ -107,6 +110,7 @@ def train(
         "data.root": data, "train.max_epochs": max_epochs, "train.max_time": max_time, "data.fold": fold,
         "model.skip_connections": _skips(skips), "train.accelerator": accelerator, "train.devices": _devices(devices),
         "train.strategy": strategy, "train.num_nodes": num_nodes, "train.precision": precision, "seed": seed,
+        "data.modality": modality, "data.skip_bad": True if skip_bad else None,
     }
     cfg = _config(config, set_, flags)
     if data is None and config is None and cfg.data.root is None and not resume:

@@ -72,7 +72,14 @@ class DataConfig(_Strict):
     """Where the data is and how it becomes network input."""
 
     root: Path | None = Field(None, description="dataset folder (MSD layout or plain pairs); null = embedded demo")
-    modality: Literal["auto", "mri", "ct"] = Field("auto", description="normalisation scheme; auto reads dataset.json")
+    modality: Literal["auto", "mri", "ct", "other"] = Field(
+        "auto", description="normalisation scheme (ct: clip + dataset z-score; mri/other: per-image z-score); auto reads "
+        "dataset.json, or without one detects CT by its Hounsfield range (segment.data.plan.detect_ct)",
+    )
+    anisotropic: bool = Field(
+        False, description="when one axis is > 2x coarser: nnU-Net's target spacing and per-axis strides and kernels "
+        "(no pooling, kernel 1 along that axis until the others catch up); false = every axis pooled at every level",
+    )
     target_spacing: list[float] | None = Field(None, description="resample to this spacing (mm, canonical RAS axes); null = median")
     patch_size: list[int] | None = Field(None, description="training patch (voxels); null = planned from the data")
     batch_size: int | None = Field(None, ge=1, description="patches per step; null = planned")
@@ -132,6 +139,12 @@ class ModelConfig(_Strict):
     zero_init_residual: bool = Field(True, description="zero the last norm scale in each residual branch")
     upsample: Literal["transpose", "interpolate"] = Field("transpose", description="decoder upsampling")
     deep_supervision: bool = Field(False, description="use auxiliary heads at lower decoder levels in the loss")
+    strides: list[list[int]] | None = Field(
+        None, description="stride per axis of each downsampling, depth - 1 entries of 1 or 2; null = 2 on every axis",
+    )
+    kernels: list[list[int]] | None = Field(
+        None, description="conv kernel per axis of each stage, depth entries of 1 or 3; null = 3 on every axis",
+    )
 
     @field_validator("features")
     @classmethod
@@ -152,7 +165,19 @@ class ModelConfig(_Strict):
             bad = [lvl for lvl in self.skip_connections if not 0 <= lvl < depth - 1]
             if bad:
                 raise ValueError(f"skip_connections levels {bad} out of range 0..{depth - 2}")
+        for name, rows, n, allowed in (("strides", self.strides, depth - 1, (1, 2)), ("kernels", self.kernels, depth, (1, 3))):
+            if rows is not None and (len(rows) != n or any(len(r) != self.spatial_dims or any(v not in allowed for v in r)
+                                                           for r in rows)):
+                raise ValueError(f"{name} must be {n} lists of {self.spatial_dims} values out of {allowed} (depth {depth})")
         return self
+
+    def stride_list(self) -> list[list[int]]:
+        """Stride per axis of the downsampling into stages 1..depth-1 (2 on every axis unless `strides` says otherwise)."""
+        return [list(r) for r in self.strides] if self.strides else [[2] * self.spatial_dims] * (len(self.features) - 1)
+
+    def kernel_list(self) -> list[list[int]]:
+        """Conv kernel per axis of stages 0..depth-1 (3 on every axis unless `kernels` says otherwise)."""
+        return [list(r) for r in self.kernels] if self.kernels else [[3] * self.spatial_dims] * len(self.features)
 
     def kept_skips(self) -> list[int]:
         """Levels (0 = highest resolution) whose long skip connection is kept."""

@@ -140,3 +140,22 @@ def test_cli_prints_the_list_without_a_traceback(bad_root: Path, tmp_path: Path)
     assert "Traceback" not in result.output and f"{len(BAD)} of {len(GOOD) + len(BAD)} cases" in result.output
     for path, words in BAD.values():
         assert any(path in line and words in line for line in result.output.splitlines()), (path, result.output)
+
+
+def test_cli_skip_bad_trains_on_the_rest_and_records_the_skipped(bad_root: Path, tmp_path: Path) -> None:
+    import json
+
+    from segment.cli import app
+    from tests.test_train import TINY
+
+    run = tmp_path / "run"
+    sets = [a for o in TINY for a in ("--set", o)]
+    result = CliRunner().invoke(app, ["train", "--data", str(bad_root), "--output", str(run), "--skip-bad", *sets,
+                                      "--max-epochs", "1", "--set", "train.steps_per_epoch=1"])
+    assert result.exit_code == 0, result.output
+    skipped = json.loads((run / "skipped.json").read_text())
+    assert sorted(skipped) == sorted(BAD)
+    for name, (path, words) in BAD.items():
+        assert path in skipped[name] and words in skipped[name]
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == GOOD

@@ -56,6 +56,20 @@ def test_resumed_config_changes_only_what_was_given(tmp_path: Path) -> None:
         resumed_config(run, {"train.max_epochs": 0})
 
 
+def test_resume_keeps_the_runs_values_and_changes_only_what_is_given(tiny_data: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    train(load_config(overrides=[f"data.root={tiny_data}", *TINY, "train.steps_per_epoch=2", "train.max_epochs=1"]),
+          output=out)
+    defaults = load_config()  # max_epochs 50: what the command line holds before it knows the run
+    assert train(defaults, output=out, resume=True, given={}).steps == 2  # the run's own max_epochs=1: done
+    assert "--resume:" not in capsys.readouterr().err
+    assert train(defaults, output=out, resume=True, given={"train.max_epochs": 2}).steps == 4
+    assert "--resume: max_epochs 1 -> 2 (given on the command line)" in capsys.readouterr().err
+    # every part logs into its own folder, also after a part that logged nothing
+    assert [p.parent.name for p in RunFolder(out).metric_logs()] == ["logs", "resume2"]
+
+
 def test_a_folder_that_is_not_a_run_is_one_line(tiny_data: Path, tmp_path: Path) -> None:
     from segment.data.plan import make_plan
     from segment.io.dataset import discover

@@ -56,7 +56,7 @@ def module_name(path: Path) -> str:
 
 def imports(path: Path) -> set[str]:
     """Every `segment.*` module `path` imports, at module level or inside functions (TYPE_CHECKING blocks excluded)."""
-    tree = ast.parse(path.read_text(), str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     found: set[str] = set()
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
     skip: set[int] = set()

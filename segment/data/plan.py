@@ -2,6 +2,27 @@
 
 The plan is printed, saved as `plan.json` in the run folder and embedded in every checkpoint, so inference
 preprocesses exactly as training did. Any planned value can be overridden in the config.
+
+Anisotropic data (`data.anisotropic`, nnU-Net's ExperimentPlanner rules; see `fullres_target_spacing` and
+`plan_pooling`): when the coarsest axis of the target spacing is more than 2x the finest, the network gets per-axis
+strides and kernels. At each level an axis is pooled only if its current spacing is <= 2x the finest current spacing
+and it still has >= 8 voxels (2x the 4-voxel bottleneck); its kernel is 1 while it is > 2x coarser than the finest axis
+and 3 from then on (a 3x3x1 conv on the first levels of a 0.6x0.6x3.6 mm prostate MR). The target spacing is the
+median per axis, except that a coarse axis more than 3x coarser than the others, with fewer than a third of their
+voxels, takes the 10th percentile of its spacings (but never finer than the other axes). Data within a factor 2 is
+planned exactly as before (`strides`/`kernels` None: every axis pooled at every level, 3x3x3 kernels).
+
+Modality (`decide_modalities`): `data.modality` / `--modality` (ct, mri, other) first, else what dataset.json
+declares per channel, else detected from the voxels (`detect_ct`). A channel is planned as CT when, over a random
+sample of voxels from up to 5 evenly spaced cases (leaving out a case's outside-field-of-view fill: its minimum when
+that lies below -1100),
+  1. every value is an integer (scanners store HU as integers; a resampled float CT is not detected: use --modality ct),
+  2. the 0.5th percentile lies within [-1100, -900]: air (-1000 HU, or -1024 where the scanner clips) is present, and
+     nothing but that fill lies far below it (MR phase maps, signed MR offsets fail here),
+  3. the 99.5th percentile is at most 3100 (bone and contrast; metal saturates at 3071 on most scanners).
+Magnitude MR and PET have no voxel near -1000, z-scored images are not integers. Not required: most voxels below 0
+(true for the 3 mm abdominal example, 67%, but not for a CT framed tightly around the body). A CT cropped so tightly
+that it holds no air is not detected: use --modality ct. The plan records which rule decided (`modality_source`).
 """
 
 from __future__ import annotations
@@ -47,6 +68,12 @@ class Plan:
     # the label value on disk of each class index (dataset.json's 0, 1, 3 -> classes 0, 1, 2); None means class i is
     # value i. Applied by segment.data.labels.encode_labels / decode_labels
     label_values: list[int] | None = None
+    # per-axis stride of each downsampling (depth - 1 lists) and conv kernel of each stage (depth lists), planned for
+    # anisotropic spacing; None (isotropic data, and plans written before these fields existed) = 2 and 3 on every axis
+    strides: list[list[int]] | None = None
+    kernels: list[list[int]] | None = None
+    # which rule decided the modality: "--modality", "dataset.json", "detected: ..." (None in older plans)
+    modality_source: str | None = None
 
     def tta_axes(self) -> list[int]:
         return list(range(len(self.patch_size))) if self.mirror_axes is None else list(self.mirror_axes)
@@ -162,18 +189,125 @@ def plan_patch(median_shape: Sequence[int], budget_voxels: int, max_depth: int =
     return [max(multiple * 2, _round_up(p, multiple)) for p in patch], depth
 
 
+ANISOTROPY = 2.0  # an axis more than this much coarser than the finest is not pooled and gets kernel 1 (per level)
+SPACING_ANISOTROPY = 3.0  # nnU-Net's anisotropy_threshold of the target-spacing rule
+
+
+def is_anisotropic(spacing: Sequence[float]) -> bool:
+    """Whether the coarsest axis is more than `ANISOTROPY` times the finest (then pooling is planned per axis)."""
+    return max(spacing) > ANISOTROPY * min(spacing) * (1 + 1e-6)
+
+
+def fullres_target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]],
+                           threshold: float = SPACING_ANISOTROPY) -> list[float]:
+    """Median spacing per axis; a much coarser axis (> `threshold` x the others, and < 1/threshold of their median
+    voxel counts) takes the 10th percentile of its spacings instead, but never below the other axes' spacing.
+
+    nnU-Net's `ExperimentPlanner.determine_fullres_target_spacing`: resampling thick-slice scans of a mixed dataset to
+    their median slice thickness would throw away the resolution of the thinner ones.
+    """
+    sp = np.asarray(spacings, dtype=float)
+    target = np.percentile(sp, 50, axis=0)
+    size = np.percentile(np.asarray(shapes, dtype=float), 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(len(target)) if a != worst]
+    if not others:
+        return target.tolist()
+    other_spacing = max(target[a] for a in others)
+    if target[worst] > threshold * other_spacing and size[worst] * threshold < min(size[a] for a in others):
+        tenth = float(np.percentile(sp[:, worst], 10))
+        target[worst] = tenth if tenth >= other_spacing else max(other_spacing, tenth) + 1e-5
+    return target.tolist()
+
+
+def plan_pooling(patch: Sequence[float], spacing: Sequence[float], max_depth: int = 5,
+                 min_bottleneck: int = 4) -> tuple[list[list[int]], list[list[int]]]:
+    """Per-axis strides of each level and kernels of each stage, nnU-Net's `get_pool_and_conv_props` with our limits.
+
+    Level by level: an axis is pooled if it still has >= 2 * `min_bottleneck` voxels (a lone axis: 3x) and its current
+    spacing is <= 2x the finest current spacing among those axes; a stage's kernel is 1 along an axis > 2x coarser than
+    the finest current spacing and 3 once it has caught up (and stays 3); the bottleneck's kernel is 3 on every axis.
+    At most `max_depth` stages; at least 2 (one level pools the fine axes even when the patch is tiny).
+    Returns (strides: depth - 1 lists, kernels: depth lists).
+    """
+    dims = len(spacing)
+    current, size = [float(v) for v in spacing], [float(v) for v in patch]
+    strides: list[list[int]] = []
+    kernels: list[list[int]] = []
+    kernel = [1] * dims
+
+    def close(axis: int, finest: float) -> bool:
+        return current[axis] <= ANISOTROPY * finest * (1 + 1e-6)
+
+    while len(strides) < max_depth - 1:
+        axes = [a for a in range(dims) if size[a] >= 2 * min_bottleneck]
+        if not axes and strides:
+            break
+        if not axes:  # the patch is too small for any level: still pool the fine axes once (depth 2, as plan_patch)
+            axes = list(range(dims))
+        finest = min(current[a] for a in axes)
+        axes = [a for a in axes if close(a, finest)]
+        if strides and len(axes) == 1 and size[axes[0]] < 3 * min_bottleneck:
+            break
+        kernel = [3 if kernel[a] == 3 or close(a, min(current)) else 1 for a in range(dims)]
+        kernels.append(list(kernel))
+        strides.append([2 if a in axes else 1 for a in range(dims)])
+        for a in axes:
+            current[a] *= 2
+            size[a] /= 2
+    kernels.append([3] * dims)
+    return strides, kernels
+
+
+def _shrink_to_budget(shape: Sequence[int], spacing: Sequence[float], budget_voxels: int) -> list[float]:
+    """The median shape, its physically longest axis (mm) shrunk by 0.9 until the patch fits the voxel budget."""
+    patch = [float(s) for s in shape]
+    while np.prod(patch) > budget_voxels:
+        i = int(np.argmax([p * s for p, s in zip(patch, spacing)]))
+        patch[i] *= 0.9
+    return patch
+
+
+def _round_to_strides(patch: Sequence[float], strides: Sequence[Sequence[int]]) -> list[int]:
+    """Each axis rounded up to a multiple of the product of its strides, and at least twice that."""
+    multiples = [int(np.prod([r[a] for r in strides])) for a in range(len(patch))]
+    return [max(m * 2, _round_up(p, m)) for p, m in zip(patch, multiples)]
+
+
 def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan, dict]:
     """Plan spacing, patch, depth and batch from the fingerprint; config values override planned ones."""
-    kinds = channel_modalities(dataset, cfg.data.modality)
+    kinds, source = decide_modalities(dataset, cfg.data.modality)
     fp = fingerprint(dataset, intensity_channels=[c for c, k in enumerate(kinds) if k == "ct"] or [0])
-    spacing = list(cfg.data.target_spacing or fp["median_spacing"])
+    if cfg.data.target_spacing:
+        spacing = list(cfg.data.target_spacing)
+    elif cfg.data.anisotropic:
+        spacing = fullres_target_spacing(fp["spacings"], fp["shapes"])
+    else:
+        spacing = list(fp["median_spacing"])
     resampled = [list(resampled_shape(shape, sp, spacing)) for shape, sp in zip(fp["shapes"], fp["spacings"])]
     median_shape = [int(v) for v in np.median(np.array(resampled), axis=0)]
     budget = 128**3 if device == "cuda" else 64**3
-    patch, depth = plan_patch(median_shape, budget)
-    if cfg.data.patch_size:
-        patch = list(cfg.data.patch_size)
+    strides: list[list[int]] | None = None
+    kernels: list[list[int]] | None = None
+    if cfg.model.strides is not None or cfg.model.kernels is not None:  # given: the network's shape is the user's
+        strides, kernels = cfg.model.strides, cfg.model.kernels
         depth = len(cfg.model.features)
+        patch = list(cfg.data.patch_size or _round_to_strides(_shrink_to_budget(median_shape, spacing, budget),
+                                                               cfg.model.stride_list()))
+    elif cfg.data.anisotropic and is_anisotropic(spacing):
+        if cfg.data.patch_size:
+            patch = list(cfg.data.patch_size)
+            strides, kernels = plan_pooling(patch, spacing, max_depth=len(cfg.model.features))
+        else:
+            shrunk = _shrink_to_budget(median_shape, spacing, budget)
+            strides, kernels = plan_pooling(shrunk, spacing)
+            patch = _round_to_strides(shrunk, strides)
+        depth = len(kernels)
+    else:
+        patch, depth = plan_patch(median_shape, budget)
+        if cfg.data.patch_size:
+            patch = list(cfg.data.patch_size)
+            depth = len(cfg.model.features)
     base = cfg.model.features
     features = base if len(base) == depth else [base[0] * 2**i for i in range(depth)]
     features = [min(f, 320) for f in features]
@@ -194,18 +328,62 @@ def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan,
         spacing=spacing, patch_size=patch, batch_size=batch, features=features, modality=modality,
         channels=dataset.channels, labels=labels, ct_clip=clip, ct_mean=fp["fg_mean"], ct_std=fp["fg_std"],
         median_shape=median_shape, num_cases=len(dataset.cases), mirror_axes=[a for a in mirror if a < ndim],
-        channel_modalities=kinds, label_values=values,
+        channel_modalities=kinds, label_values=values, strides=strides, kernels=kernels, modality_source=source,
     )
     return plan, fp
 
 
-def channel_modalities(dataset: Dataset, setting: str = "auto") -> list[str]:
-    """Normalisation of each channel: 'ct' or 'mri' (per-image z-score: MRI and anything not CT, e.g. PET).
+HU_AIR, HU_LOW, HU_HIGH = -900.0, -1100.0, 3100.0  # the detection rule in this module's docstring
 
-    `setting` (data.modality) other than 'auto' applies to every channel; 'auto' follows dataset.json per channel
-    (`modality` / `channel_names`), or the dataset's one modality when it does not declare every channel.
+
+def detect_ct(dataset: Dataset, channel: int = 0, max_cases: int = 5, voxels: int = 200_000) -> tuple[bool, str]:
+    """Whether `channel` holds Hounsfield units (the rule in this module's docstring), and the numbers that decided."""
+    rng = np.random.default_rng(0)
+    step = max(1, len(dataset.cases) // max_cases)
+    samples = []
+    for case in dataset.cases[::step][:max_cases]:
+        values = read_case(case.images).channels[channel].ravel()
+        if values.size > voxels:
+            values = values[rng.integers(0, values.size, voxels)]
+        low = values.min()
+        if low < HU_LOW:  # outside the field of view: one fill value (-2048, -3024, ...) far below air
+            values = values[values != low]
+        samples.append(values)
+    v = np.concatenate(samples) if samples else np.zeros(0, np.float32)
+    if v.size == 0:
+        return False, "no voxels to look at"
+    integral = bool(np.all(v == np.round(v)))
+    p_lo, p_hi = (float(x) for x in np.percentile(v, [0.5, 99.5]))
+    stats = f"0.5-99.5% {p_lo:.0f}..{p_hi:.0f}, {'integers' if integral else 'not integers'}"
+    if not integral:
+        return False, f"not HU ({stats})"
+    if not HU_LOW <= p_lo <= HU_AIR:
+        return False, f"not HU ({stats}; no air near -1000)" if p_lo > HU_AIR else f"not HU ({stats}; below -1100)"
+    if p_hi > HU_HIGH:
+        return False, f"not HU ({stats}; above 3100)"
+    return True, f"HU range ({stats})"
+
+
+def decide_modalities(dataset: Dataset, setting: str = "auto") -> tuple[list[str], str]:
+    """Normalisation of each channel ('ct', or 'mri'/'other': per-image z-score) and which rule decided it.
+
+    `setting` (data.modality, `--modality`) other than 'auto' applies to every channel; 'auto' follows dataset.json
+    per channel (`modality` / `channel_names`), or the dataset's one declared modality; without any declaration each
+    channel is tested for Hounsfield units (`detect_ct`).
     """
     if setting != "auto":
-        return [setting] * dataset.channels
+        return [setting] * dataset.channels, "--modality"
     declared = dataset.channel_modalities if len(dataset.channel_modalities) == dataset.channels else []
-    return ["ct" if kind == "ct" else "mri" for kind in declared or [dataset.modality] * dataset.channels]
+    if declared or dataset.modality != "unknown":
+        return ["ct" if kind == "ct" else "mri" for kind in declared or [dataset.modality] * dataset.channels], "dataset.json"
+    kinds, reasons = [], []
+    for c in range(dataset.channels):
+        ct, why = detect_ct(dataset, c)
+        kinds.append("ct" if ct else "mri")
+        reasons.append(why if dataset.channels == 1 else f"channel {c}: {why}")
+    return kinds, "detected: " + "; ".join(reasons)
+
+
+def channel_modalities(dataset: Dataset, setting: str = "auto") -> list[str]:
+    """The kinds of `decide_modalities`, without the reason."""
+    return decide_modalities(dataset, setting)[0]

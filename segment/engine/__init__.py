@@ -1,2 +1,2 @@
-"""The engine: what training and prediction share — window-by-window inference over whole volumes (MONAI's sliding
-window, overlap-tile for valid padding, slab-streamed label maps) and the Lightning module (loss, schedule)."""
+"""The engine: window-by-window inference over whole volumes, shared by validation during training and by prediction
+(MONAI's sliding window, overlap-tile for valid padding, slab-streamed label maps)."""

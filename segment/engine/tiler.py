@@ -45,10 +45,11 @@ def _flat(before: Sequence[int], after: Sequence[int]) -> list[int]:
 
 def window_geometry(model: nn.Module, patch_size: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     """(input window, output window, alignment step): the largest allowed input not above `patch_size`."""
-    step = int(model.size_multiple())
-    lowest = int(model.min_input_size())
-    win_in = tuple(lowest + step * max(0, (int(p) - lowest) // step) for p in patch_size)
-    return win_in, tuple(model.output_size(win_in)), step
+    n = len(patch_size)  # per axis where the network has per-axis strides (anisotropic plans)
+    steps = tuple(model.size_multiples()) if hasattr(model, "size_multiples") else (int(model.size_multiple()),) * n
+    lows = tuple(model.min_input_sizes()) if hasattr(model, "min_input_sizes") else (int(model.min_input_size()),) * n
+    win_in = tuple(lo + st * max(0, (int(p) - lo) // st) for p, lo, st in zip(patch_size, lows, steps))
+    return win_in, tuple(model.output_size(win_in)), max(steps)  # starts on multiples of every axis's step
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:

@@ -3,6 +3,8 @@
 Conventions used throughout `segment.nets`:
 - All 3x3 convolutions use padding 1 in `same` mode and padding 0 in `valid` mode (each shrinks a map by 2 voxels
   per axis). Convolutions followed by a norm carry no bias (the norm's shift makes it redundant).
+- Kernels and strides may differ per axis (anisotropic plans: a 3x3x1 kernel and a 2x2x1 stride leave a coarse axis
+  alone); a kernel-1 axis is never padded and never shrinks. An int means the same value on every axis.
 - Layer classes come from MONAI's factories, so 2D and 3D share one code path.
 """
 
@@ -46,18 +48,28 @@ def make_act(kind: str) -> nn.Module:
     return Act[Act.LEAKYRELU](negative_slope=NEG_SLOPE) if kind == "leakyrelu" else Act[Act.RELU]()
 
 
-def make_conv(dims: int, cin: int, cout: int, kernel: int, stride: int = 1, padding: Padding = "same",
-              bias: bool = False) -> nn.Module:
-    """A `kernel`^dims convolution; `same` pads kernel//2, `valid` pads nothing."""
-    pad = kernel // 2 if padding == "same" else 0
-    return Conv[Conv.CONV, dims](cin, cout, kernel_size=kernel, stride=stride, padding=pad, bias=bias)
+def per_axis(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    """An int or a per-axis sequence as a tuple of `dims` ints."""
+    out = (int(value),) * dims if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(out) != dims:
+        raise ValueError(f"expected {dims} per-axis values, got {value}")
+    return out
+
+
+def make_conv(dims: int, cin: int, cout: int, kernel: int | Sequence[int], stride: int | Sequence[int] = 1,
+              padding: Padding = "same", bias: bool = False) -> nn.Module:
+    """A `kernel` convolution (an int: the same on every axis); `same` pads kernel//2 per axis, `valid` pads nothing."""
+    k, st = per_axis(kernel, dims), per_axis(stride, dims)
+    pad = tuple(n // 2 for n in k) if padding == "same" else 0
+    return Conv[Conv.CONV, dims](cin, cout, kernel_size=k, stride=st, padding=pad, bias=bias)
 
 
 class ConvNormAct(nn.Sequential):
-    """3x3 conv -> norm -> act: one decoder "block"."""
+    """3x3 conv (or the given per-axis kernel) -> norm -> act: one decoder "block"."""
 
-    def __init__(self, dims: int, cin: int, cout: int, *, padding: Padding, norm: str, act: str) -> None:
-        super().__init__(make_conv(dims, cin, cout, 3, padding=padding), make_norm(norm, dims, cout), make_act(act))
+    def __init__(self, dims: int, cin: int, cout: int, *, padding: Padding, norm: str, act: str,
+                 kernel: int | Sequence[int] = 3) -> None:
+        super().__init__(make_conv(dims, cin, cout, kernel, padding=padding), make_norm(norm, dims, cout), make_act(act))
 
 
 class ResidualBlock(nn.Module):
@@ -67,8 +79,8 @@ class ResidualBlock(nn.Module):
     Pre-activation (He et al. 2016): `out = F(x) + shortcut(x)` with `F = norm-act-conv-norm-act-conv`.
     The shortcut is the identity, or a 1x1 conv (with the block's stride) + norm when channels or stride change.
     In `valid` mode the branch shrinks the map, so the shortcut takes the centre of `x`: it is cropped by one voxel
-    per side before a strided projection (its samples then sit exactly on the strided 3x3 conv's centres), and
-    centre-cropped to the branch's output afterwards.
+    per side (kernel // 2 per axis) before a strided projection (its samples then sit exactly on the strided conv's
+    centres), and centre-cropped to the branch's output afterwards. `kernel` and `stride` may differ per axis.
 
     `zero_init` zeroes the scale of the branch's last norm, so at initialisation `F(x) == 0` (pre-activation:
     every conv is bias-free, so the zeroed norm gives act(0) = 0 and conv(0) = 0). Hence at init a block with an
@@ -79,13 +91,14 @@ class ResidualBlock(nn.Module):
     comparison in the tests and is deliberately not a config field.
     """
 
-    def __init__(self, dims: int, cin: int, cout: int, *, stride: int = 1, padding: Padding = "same",
+    def __init__(self, dims: int, cin: int, cout: int, *, stride: int | Sequence[int] = 1, padding: Padding = "same",
                  norm: str = "instance", act: str = "leakyrelu", preactivation: bool = False,
-                 zero_init: bool = True, residual: bool = True) -> None:
+                 zero_init: bool = True, residual: bool = True, kernel: int | Sequence[int] = 3) -> None:
         super().__init__()
         self.padding, self.preactivation, self.residual = padding, preactivation, residual
-        conv1 = make_conv(dims, cin, cout, 3, stride, padding)
-        conv2 = make_conv(dims, cout, cout, 3, 1, padding)
+        self.kernel, stride = per_axis(kernel, dims), per_axis(stride, dims)
+        conv1 = make_conv(dims, cin, cout, self.kernel, stride, padding)
+        conv2 = make_conv(dims, cout, cout, self.kernel, 1, padding)
         if preactivation:
             layers = [make_norm(norm, dims, cin), make_act(act), conv1, make_norm(norm, dims, cout), make_act(act), conv2]
             self.last_norm = layers[3]
@@ -94,7 +107,7 @@ class ResidualBlock(nn.Module):
             self.last_norm = layers[4]
         self.branch = nn.Sequential(*layers)
         self.shortcut: nn.Module = nn.Identity()
-        if residual and (cin != cout or stride != 1):
+        if residual and (cin != cout or any(s != 1 for s in stride)):
             self.shortcut = nn.Sequential(make_conv(dims, cin, cout, 1, stride, "valid"), make_norm(norm, dims, cout))
         self.act = nn.Identity() if preactivation else make_act(act)
         self.zero_init = zero_init
@@ -103,24 +116,24 @@ class ResidualBlock(nn.Module):
         out = self.branch(x)
         if self.residual:
             if self.padding == "valid":
-                x = center_crop(x, [n - 2 for n in x.shape[2:]])
+                x = center_crop(x, [n - 2 * (k // 2) for n, k in zip(x.shape[2:], self.kernel)])
             out = out + center_crop(self.shortcut(x), out.shape[2:])
         return self.act(out)
 
 
 class Upsample(nn.Module):
-    """Double the spatial size and map `cin` -> `cout` channels.
+    """Multiply the spatial size by `scale` (2 on every axis by default, or per axis) and map `cin` -> `cout` channels.
 
-    `transpose`: a 2x2 transposed conv with stride 2. `interpolate`: a 1x1 conv followed by (bi/tri)linear
-    interpolation; the two commute exactly (interpolation weights sum to one), and convolving on the coarse grid
-    first is 2^dims times cheaper than the textbook order.
+    `transpose`: a transposed conv with kernel = stride = scale (2x2 stride 2). `interpolate`: a 1x1 conv followed by
+    (bi/tri)linear interpolation; the two commute exactly (interpolation weights sum to one), and convolving on the
+    coarse grid first is 2^dims times cheaper than the textbook order.
     """
 
-    def __init__(self, dims: int, cin: int, cout: int, mode: str = "transpose") -> None:
+    def __init__(self, dims: int, cin: int, cout: int, mode: str = "transpose", scale: int | Sequence[int] = 2) -> None:
         super().__init__()
-        self.mode = mode
+        self.mode, self.scale = mode, per_axis(scale, dims)
         if mode == "transpose":
-            self.conv = Conv[Conv.CONVTRANS, dims](cin, cout, kernel_size=2, stride=2, bias=True)
+            self.conv = Conv[Conv.CONVTRANS, dims](cin, cout, kernel_size=self.scale, stride=self.scale, bias=True)
         else:
             self.conv = Conv[Conv.CONV, dims](cin, cout, kernel_size=1, bias=True)
         self._interp = "bilinear" if dims == 2 else "trilinear"
@@ -129,7 +142,8 @@ class Upsample(nn.Module):
         x = self.conv(x)
         if self.mode == "transpose":
             return x
-        return nn.functional.interpolate(x, scale_factor=2.0, mode=self._interp, align_corners=False)
+        factor = 2.0 if len(set(self.scale)) == 1 and self.scale[0] == 2 else tuple(float(f) for f in self.scale)
+        return nn.functional.interpolate(x, scale_factor=factor, mode=self._interp, align_corners=False)
 
 
 def init_weights(module: nn.Module, act: str) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 if TYPE_CHECKING:  # rich is imported lazily: summaries are optional, imports of the network should stay cheap
     from rich.table import Table
 
+    from segment.config import ModelConfig
     from segment.nets.unet import UNet
 
 
@@ -31,29 +32,51 @@ def _params_with_all_skips(model: UNet) -> int:
     return _count(twin)
 
 
+def _axes(values: Sequence[int]) -> str:
+    """Per-axis values as 3x3x1."""
+    return "x".join(str(v) for v in values)
+
+
 def _stage_rows(model: UNet) -> list[tuple[str, str]]:
     kept = model.cfg.kept_skips()
+    per_axis = model.cfg.strides is not None or model.cfg.kernels is not None
+    strides, kernels = [None] + model.cfg.stride_list(), model.cfg.kernel_list()
     rows = []
     for s, stage in enumerate(model.encoder.stages):
-        rows.append((f"encoder stage {s} ({model.encoder.channels[s]} ch, blocks: {len(stage)})", f"{_count(stage):,}"))
+        shape = ""
+        if per_axis:  # anisotropic plan: the stride into this stage and its kernel, per axis
+            shape = f", kernel {_axes(kernels[s])}" + (f", stride {_axes(strides[s])}" if strides[s] else "")
+        rows.append((f"encoder stage {s} ({model.encoder.channels[s]} ch, blocks: {len(stage)}{shape})", f"{_count(stage):,}"))
     for s in reversed(range(len(model.decoder.stages))):
         skip = "skip kept" if s in kept else "no skip"
-        rows.append((f"decoder stage {s} ({skip})", f"{_count(model.decoder.ups[s], model.decoder.stages[s]):,}"))
+        shape = f", up {_axes(strides[s + 1])}, kernel {_axes(kernels[s])}" if per_axis else ""
+        rows.append((f"decoder stage {s} ({skip}{shape})", f"{_count(model.decoder.ups[s], model.decoder.stages[s]):,}"))
     rows.append((f"heads ({len(model.heads)}, main + aux)", f"{_count(model.heads):,}"))
     return rows
 
 
 def _geometry_rows(model: UNet, input_size: Sequence[int] | None) -> list[tuple[str, str]]:
-    from segment.nets.unet import receptive_field
+    from segment.nets.unet import receptive_field, receptive_fields
 
-    rows = [("receptive field (voxels per axis)", str(receptive_field(model.cfg)))]
-    lo, step = model.min_input_size(), model.size_multiple()
-    if model.cfg.padding == "valid":
-        rows.append(("output margin (valid; input - output)", str(model.output_margin())))
-        rows.append(("allowed input sizes per axis", f"{lo} + k*{step}"))
-    else:
-        rows.append(("output margin (same)", "0"))
-        rows.append(("input sizes per axis", f"any >= {lo} (multiples of {step} need no internal crop)"))
+    if not model.anisotropic:
+        rows = [("receptive field (voxels per axis)", str(receptive_field(model.cfg)))]
+        lo, step = model.min_input_size(), model.size_multiple()
+        if model.cfg.padding == "valid":
+            rows.append(("output margin (valid; input - output)", str(model.output_margin())))
+            rows.append(("allowed input sizes per axis", f"{lo} + k*{step}"))
+        else:
+            rows.append(("output margin (same)", "0"))
+            rows.append(("input sizes per axis", f"any >= {lo} (multiples of {step} need no internal crop)"))
+    else:  # strides and kernels differ between axes: every number per axis
+        los, steps = model.min_input_sizes(), model.size_multiples()
+        rows = [("receptive field (voxels, per axis)", _axes(receptive_fields(model.cfg))),
+                ("size multiple (product of strides, per axis)", _axes(steps))]
+        if model.cfg.padding == "valid":
+            rows.append(("output margin (valid; input - output, per axis)", _axes(model.output_margins())))
+            rows.append(("allowed input sizes (per axis)", ", ".join(f"{lo} + k*{st}" for lo, st in zip(los, steps))))
+        else:
+            rows.append(("output margin (same)", "0"))
+            rows.append(("input sizes (per axis)", f"any >= {_axes(los)} (multiples of {_axes(steps)} need no internal crop)"))
     if input_size is not None:
         rows.append((f"output size for {tuple(input_size)}", str(model.output_size(input_size))))
     return rows
@@ -77,7 +100,7 @@ def summarize(model: UNet, input_size: Sequence[int] | None = None) -> Table:
     from rich.table import Table
 
     cfg = model.cfg
-    table = Table(title=f"U-Net {cfg.spatial_dims}D, padding {cfg.padding}, features {cfg.features}")
+    table = Table(title=_head(cfg))
     table.add_column("part")
     table.add_column("value", justify="right")
     for label, value in summary_rows(model, input_size):
@@ -89,6 +112,12 @@ def summary_text(model: UNet, input_size: Sequence[int] | None = None) -> str:
     """The same summary as aligned plain text."""
     rows = summary_rows(model, input_size)
     width = max(len(label) for label, _ in rows)
-    cfg = model.cfg
+    return "\n".join([_head(model.cfg)] + [f"{label.ljust(width)}  {value}" for label, value in rows])
+
+
+def _head(cfg: ModelConfig) -> str:
     head = f"U-Net {cfg.spatial_dims}D, padding {cfg.padding}, features {cfg.features}"
-    return "\n".join([head] + [f"{label.ljust(width)}  {value}" for label, value in rows])
+    if cfg.strides is not None or cfg.kernels is not None:
+        head += (f", strides {' '.join(_axes(r) for r in cfg.stride_list())}"
+                 f", kernels {' '.join(_axes(r) for r in cfg.kernel_list())}")
+    return head

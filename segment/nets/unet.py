@@ -1,8 +1,12 @@
 """A residual-encoder U-Net, written to be read: encoder, decoder built from the encoder's channels, 1x1 heads.
 
-Geometry (per axis; every axis follows the same rule):
+Geometry (per axis; every axis follows the same rule, with its own strides and kernels):
 - Stage 0 keeps the resolution; every later stage starts with a stride-2 3x3 conv, so there are `depth - 1`
   halvings and the decoder doubles back with a 2x upsampling per level.
+- Anisotropic nets (`cfg.strides` / `cfg.kernels`, planned for data with one coarse axis) give each level a stride
+  of 1 or 2 and each stage a kernel of 1 or 3 per axis: an axis with stride 1 is not halved at that level (and not
+  upsampled back), an axis with kernel 1 is neither padded nor shrunk. Everything below then holds per axis, with
+  `size_multiples()` (the product of an axis's strides) and `min_input_sizes()` in place of the isotropic numbers.
 - `same` padding: any input size works and the output equals the input. An odd size is halved with rounding up
   (`ceil(n/2)`), and after upsampling the decoder map is centre-cropped back to the encoder map of that level
   (the extra voxel is dropped at the end, see `center_crop`). Sizes that are multiples of `size_multiple()` need no
@@ -36,17 +40,18 @@ def blocks_list(cfg: ModelConfig) -> list[int]:
 
 
 class Encoder(nn.Module):
-    """Stages of residual blocks; the first block of every stage after the first downsamples by 2."""
+    """Stages of residual blocks; the first block of every stage after the first downsamples (by 2, or per axis)."""
 
     def __init__(self, cfg: ModelConfig, *, residual: bool = True) -> None:
         super().__init__()
         self.channels: list[int] = list(cfg.features)
+        strides, kernels = [[1] * cfg.spatial_dims] + cfg.stride_list(), cfg.kernel_list()
         stages, cin = [], cfg.in_channels
         for s, (cout, n_blocks) in enumerate(zip(cfg.features, blocks_list(cfg))):
             blocks = [
-                ResidualBlock(cfg.spatial_dims, cin if b == 0 else cout, cout, stride=2 if s > 0 and b == 0 else 1,
+                ResidualBlock(cfg.spatial_dims, cin if b == 0 else cout, cout, stride=strides[s] if b == 0 else 1,
                               padding=cfg.padding, norm=cfg.norm, act=cfg.act, preactivation=cfg.preactivation,
-                              zero_init=cfg.zero_init_residual, residual=residual)
+                              zero_init=cfg.zero_init_residual, residual=residual, kernel=kernels[s])
                 for b in range(n_blocks)
             ]
             stages.append(nn.Sequential(*blocks))
@@ -71,14 +76,19 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, channels: Sequence[int], kept: Sequence[int], *, dims: int, blocks: int, padding: str,
-                 norm: str, act: str, upsample: str) -> None:
+                 norm: str, act: str, upsample: str, strides: Sequence[Sequence[int]] | None = None,
+                 kernels: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         self.kept, self.padding = sorted(kept), padding
-        self.ups = nn.ModuleList(Upsample(dims, channels[s + 1], channels[s], upsample) for s in range(len(channels) - 1))
+        strides = strides or [[2] * dims] * (len(channels) - 1)
+        kernels = kernels or [[3] * dims] * len(channels)
+        self.ups = nn.ModuleList(Upsample(dims, channels[s + 1], channels[s], upsample, scale=strides[s])
+                                 for s in range(len(channels) - 1))
         self.stages = nn.ModuleList()
         for s in range(len(channels) - 1):
             cin = channels[s] * (2 if s in self.kept else 1)
-            convs = [ConvNormAct(dims, cin if i == 0 else channels[s], channels[s], padding=padding, norm=norm, act=act)
+            convs = [ConvNormAct(dims, cin if i == 0 else channels[s], channels[s], padding=padding, norm=norm, act=act,
+                                 kernel=kernels[s])
                      for i in range(blocks)]
             self.stages.append(nn.Sequential(*convs))
 
@@ -109,11 +119,13 @@ class UNet(nn.Module):
         self.cfg = cfg.model_copy(deep=True)
         self.encoder = Encoder(cfg, residual=residual)
         self.decoder = Decoder(self.encoder.channels, cfg.kept_skips(), dims=cfg.spatial_dims, blocks=cfg.decoder_blocks,
-                               padding=cfg.padding, norm=cfg.norm, act=cfg.act, upsample=cfg.upsample)
+                               padding=cfg.padding, norm=cfg.norm, act=cfg.act, upsample=cfg.upsample,
+                               strides=cfg.stride_list(), kernels=cfg.kernel_list())
         self.heads = nn.ModuleList(make_conv(cfg.spatial_dims, c, cfg.out_channels, 1, bias=True)
                                    for c in self.encoder.channels[:-1])
         init_weights(self, cfg.act)
-        self._min_size = _min_valid_size(cfg)
+        self._min_sizes = tuple(_min_valid_size(cfg, axis) for axis in range(cfg.spatial_dims))
+        self._min_size = max(self._min_sizes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Main logits `(N, out_channels, *output_size(x.shape[2:]))`."""
@@ -121,22 +133,44 @@ class UNet(nn.Module):
         return self.heads[0](self.decoder(self.encoder(x))[0])
 
     def forward_all(self, x: Tensor) -> list[Tensor]:
-        """`[main, aux at level 1, aux at level 2, ...]`; each aux is half the resolution of the one before."""
+        """`[main, aux at level 1, aux at level 2, ...]`; each aux is half the resolution of the one before (along the
+        axes that level's stride halves)."""
         self.output_size(x.shape[2:])
         return [head(d) for head, d in zip(self.heads, self.decoder(self.encoder(x)))]
 
     # ---- geometry -------------------------------------------------------------------------------------------
+    @property
+    def anisotropic(self) -> bool:
+        """Whether strides or kernels differ between axes (then the per-axis methods are the ones to use)."""
+        return len(set(self._min_sizes)) > 1 or len(set(self.size_multiples())) > 1 or len(set(self.output_margins())) > 1
+
+    def size_multiples(self) -> tuple[int, ...]:
+        """Per axis, the product of its strides (2**(depth-1) when isotropic): the step between allowed valid-mode
+        sizes; same-mode sizes divisible by it need no crop. A planned patch is divisible by it."""
+        return tuple(math.prod(r[axis] for r in self.cfg.stride_list()) for axis in range(self.cfg.spatial_dims))
+
     def size_multiple(self) -> int:
-        """2**(depth-1): the step between allowed valid-mode sizes; same-mode sizes divisible by it need no crop."""
-        return 2 ** (len(self.cfg.features) - 1)
+        """The largest of `size_multiples()` (a multiple of each, being powers of 2); 2**(depth-1) when isotropic."""
+        return max(self.size_multiples())
+
+    def min_input_sizes(self) -> tuple[int, ...]:
+        """Smallest allowed size of each axis (same mode: 1; the whole input must still leave >= 2 bottleneck voxels)."""
+        return self._min_sizes
 
     def min_input_size(self) -> int:
-        """Smallest allowed size per axis (same mode: 1; the whole input must still leave >= 2 bottleneck voxels)."""
+        """Smallest allowed size per axis of an isotropic net (the largest of `min_input_sizes()` otherwise)."""
         return self._min_size
 
+    def output_margins(self) -> tuple[int, ...]:
+        """`input - output` of each axis for every allowed size (0 in same mode)."""
+        return tuple(lo - _trace_axis(self.cfg, lo, axis)[1] for axis, lo in enumerate(self._min_sizes))
+
     def output_margin(self) -> int:
-        """`input - output` per axis for every allowed size (0 in same mode)."""
-        return self._min_size - _trace_axis(self.cfg, self._min_size)[1]
+        """`input - output` per axis of an isotropic net; raises GeometryError for one whose axes differ."""
+        margins = set(self.output_margins())
+        if len(margins) > 1:
+            raise GeometryError(f"output margin differs per axis {self.output_margins()}: use output_margins()")
+        return margins.pop()
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
         """Spatial output size for `input_size`; raises GeometryError (a ValueError) naming the allowed sizes."""
@@ -144,47 +178,59 @@ class UNet(nn.Module):
         if len(sizes) != self.cfg.spatial_dims:
             raise GeometryError(f"input size {tuple(sizes)}: expected {self.cfg.spatial_dims} spatial dims")
         for axis, n in enumerate(sizes):
-            if not self._allowed(n):
-                raise GeometryError(f"input size {tuple(sizes)}: axis {axis} = {n} is not allowed; {self._rule(n)}")
-        bottleneck = [_trace_axis(self.cfg, n)[0][-1] for n in sizes]
+            if not self._allowed(n, axis):
+                raise GeometryError(f"input size {tuple(sizes)}: axis {axis} = {n} is not allowed; {self._rule(n, axis)}")
+        bottleneck = [_trace_axis(self.cfg, n, axis)[0][-1] for axis, n in enumerate(sizes)]
         if math.prod(bottleneck) < 2:
             raise GeometryError(f"input size {tuple(sizes)} leaves a single voxel at the deepest stage, which "
-                                f"normalisation cannot handle; use e.g. {self._min_size + self.size_multiple()} voxels on one axis")
-        return tuple(_trace_axis(self.cfg, n)[1] for n in sizes)
+                                f"normalisation cannot handle; use e.g. {self._min_sizes[0] + self.size_multiples()[0]} "
+                                "voxels on one axis")
+        return tuple(_trace_axis(self.cfg, n, axis)[1] for axis, n in enumerate(sizes))
 
     def input_size_for(self, output_size: Sequence[int]) -> tuple[int, ...]:
         """Smallest allowed input whose output is at least `output_size` on every axis."""
-        step, margin = self.size_multiple(), self.output_margin()
-        if self.cfg.padding == "same":
-            return tuple(max(int(n), self._min_size) for n in output_size)
-        return tuple(self._min_size + step * max(0, math.ceil((int(n) + margin - self._min_size) / step))
-                     for n in output_size)
+        out = []
+        for axis, n in enumerate(output_size):
+            lo, step, margin = self._min_sizes[axis], self.size_multiples()[axis], self.output_margins()[axis]
+            if self.cfg.padding == "same":
+                out.append(max(int(n), lo))
+            else:
+                out.append(lo + step * max(0, math.ceil((int(n) + margin - lo) / step)))
+        return tuple(out)
 
-    def _allowed(self, n: int) -> bool:
-        if n < self._min_size:
+    def _allowed(self, n: int, axis: int = 0) -> bool:
+        if n < self._min_sizes[axis]:
             return False
-        return self.cfg.padding == "same" or (n - self._min_size) % self.size_multiple() == 0
+        return self.cfg.padding == "same" or (n - self._min_sizes[axis]) % self.size_multiples()[axis] == 0
 
-    def _rule(self, n: int) -> str:
-        lo, step = self._min_size, self.size_multiple()
+    def _rule(self, n: int, axis: int = 0) -> str:
+        lo, step = self._min_sizes[axis], self.size_multiples()[axis]
         if self.cfg.padding == "same":
             return f"padding 'same' needs at least {lo} voxels per axis"
         below = lo + step * max(0, (n - lo) // step)
         near = f"{below} or {below + step}" if below < n else f"{lo}"
-        return (f"padding 'valid' allows {lo} + k*{step} voxels per axis (nearest: {near}), "
-                f"giving an output {self.output_margin()} voxels smaller")
+        return (f"padding 'valid' allows {lo} + k*{step} voxels {'per axis' if not self.anisotropic else 'on this axis'} "
+                f"(nearest: {near}), giving an output {self.output_margins()[axis]} voxels smaller")
 
 
-def _trace_axis(cfg: ModelConfig, n: int) -> tuple[list[int], int]:
-    """Encoder sizes of every stage and the output size along one axis; -1 output when `n` is not allowed."""
-    shrink = 2 if cfg.padding == "valid" else 0  # voxels one 3x3 conv removes
+def _trace_axis(cfg: ModelConfig, n: int, axis: int = 0) -> tuple[list[int], int]:
+    """Encoder sizes of every stage and the output size along one axis; -1 output when `n` is not allowed.
+
+    A conv of kernel k removes k - 1 voxels in valid mode; a stride-s conv maps n to (n - k) // s + 1 (valid; only
+    allowed when s divides n - k, so no voxel is silently dropped) or ceil(n / s) (same); the decoder multiplies by s.
+    """
+    valid = cfg.padding == "valid"
+    strides = [1] + [r[axis] for r in cfg.stride_list()]
+    kernels = [r[axis] for r in cfg.kernel_list()]
     enc: list[int] = []
     for s, n_blocks in enumerate(blocks_list(cfg)):
+        k, st = kernels[s], strides[s]
+        shrink = k - 1 if valid else 0  # voxels one conv of this stage removes
         for b in range(n_blocks):
-            if s > 0 and b == 0:
-                if cfg.padding == "valid" and n % 2 == 0:
-                    return enc, -1  # a stride-2 valid conv would drop the last voxel
-                n = (n - 1) // 2 if cfg.padding == "valid" else (n + 1) // 2
+            if b == 0 and st > 1:
+                if valid and (n - k) % st != 0:
+                    return enc, -1  # a strided valid conv would drop the last voxel(s)
+                n = (n - k) // st + 1 if valid else -(-n // st)
                 n -= shrink
             else:
                 n -= 2 * shrink
@@ -193,49 +239,65 @@ def _trace_axis(cfg: ModelConfig, n: int) -> tuple[list[int], int]:
         enc.append(n)
     d = enc[-1]
     for s in reversed(range(len(enc) - 1)):
-        d = enc[s] if cfg.padding == "same" else 2 * d
-        d -= shrink * cfg.decoder_blocks
+        d = enc[s] if not valid else strides[s + 1] * d
+        d -= (kernels[s] - 1 if valid else 0) * cfg.decoder_blocks
         if d < 1:
             return enc, -1
     return enc, d
 
 
-def _min_valid_size(cfg: ModelConfig) -> int:
-    """Smallest per-axis input that passes `_trace_axis` (allowed sizes repeat every `2**(depth-1)` from there)."""
+def _min_valid_size(cfg: ModelConfig, axis: int = 0) -> int:
+    """Smallest input along `axis` that passes `_trace_axis` (allowed sizes repeat every size multiple from there)."""
     for n in range(1, 1 << 16):
-        if _trace_axis(cfg, n)[1] > 0:
+        if _trace_axis(cfg, n, axis)[1] > 0:
             return n
     raise GeometryError(f"model: no input size up to 65535 voxels works for features={cfg.features}")
 
 
-def _deepest_path(cfg: ModelConfig) -> list[str]:
-    """Layers along the longest input-to-output path, in forward order: 'conv', 'down', 'up'."""
-    ops: list[str] = []
+def _deepest_path(cfg: ModelConfig, axis: int = 0) -> list[tuple[str, int, int]]:
+    """Layers along the longest input-to-output path, in forward order: ('conv' | 'down' | 'up', kernel, stride)."""
+    strides = [1] + [r[axis] for r in cfg.stride_list()]
+    kernels = [r[axis] for r in cfg.kernel_list()]
+    ops: list[tuple[str, int, int]] = []
     for s, n_blocks in enumerate(blocks_list(cfg)):
         for b in range(n_blocks):
-            ops += ["down" if s > 0 and b == 0 else "conv", "conv"]
-    for _ in range(len(cfg.features) - 1):
-        ops += ["up"] + ["conv"] * cfg.decoder_blocks
+            first = ("down", kernels[s], strides[s]) if s > 0 and b == 0 else ("conv", kernels[s], 1)
+            ops += [first, ("conv", kernels[s], 1)]
+    for s in reversed(range(len(cfg.features) - 1)):
+        ops += [("up", 1, strides[s + 1])] + [("conv", kernels[s], 1)] * cfg.decoder_blocks
     return ops
 
 
-def receptive_field(cfg: ModelConfig) -> int:
-    """Theoretical receptive field (voxels per axis) of one output voxel, maximised over its position.
+def receptive_fields(cfg: ModelConfig) -> tuple[int, ...]:
+    """`receptive_field` of every axis."""
+    return tuple(receptive_field(cfg, axis) for axis in range(cfg.spatial_dims))
+
+
+def receptive_field(cfg: ModelConfig, axis: int | None = None) -> int:
+    """Theoretical receptive field (voxels along `axis`; None = the largest over the axes) of one output voxel,
+    maximised over its position.
 
     Traces the input interval `[lo, hi]` an output voxel depends on back through the deepest path (every shallower
     path through a skip sees a sub-interval). Upsampling makes the answer depend on the voxel's phase on the coarse
-    grids, so all `2**(depth-1)` phases are tried; the closed-form `1 + sum (k-1)*jump` rule undercounts here.
+    grids, so all phases (the product of the axis's strides) are tried; the closed-form `1 + sum (k-1)*jump` rule
+    undercounts here.
     """
+    if axis is None:
+        return max(receptive_fields(cfg))
+    path = _deepest_path(cfg, axis)
     widths = []
-    for phase in range(2 ** (len(cfg.features) - 1)):
+    for phase in range(math.prod(st for op, _, st in path if op == "down")):
         lo = hi = phase
-        for op in reversed(_deepest_path(cfg)):
-            if op == "conv":  # 3x3, stride 1
-                lo, hi = lo - 1, hi + 1
-            elif op == "down":  # 3x3, stride 2
-                lo, hi = 2 * lo - 1, 2 * hi + 1
-            elif cfg.upsample == "transpose":  # 2x2 stride 2: fine voxel q reads coarse voxel q // 2
-                lo, hi = lo // 2, hi // 2
+        for op, k, st in reversed(path):
+            r = k // 2
+            if op == "conv":  # kernel k, stride 1
+                lo, hi = lo - r, hi + r
+            elif op == "down":  # kernel k, stride st
+                lo, hi = st * lo - r, st * hi + r
+            elif st == 1:  # an axis this level does not upsample
+                continue
+            elif cfg.upsample == "transpose":  # kernel = stride = st: fine voxel q reads coarse voxel q // st
+                lo, hi = lo // st, hi // st
             else:  # linear, align_corners=False: fine q reads coarse (q-1)//2 and (q-1)//2 + 1
                 lo, hi = (lo - 1) // 2, (hi - 1) // 2 + 1
         widths.append(hi - lo + 1)

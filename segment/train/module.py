@@ -18,7 +18,7 @@ from monai.networks.utils import one_hot
 
 from segment.config import Config
 from segment.data.plan import Plan
-from segment.inference.sliding import sliding_logits
+from segment.engine.sliding import sliding_logits
 from segment.nets import build_model, center_crop
 
 

@@ -28,7 +28,8 @@ from segment.errors import ConfigError
 from segment.run_folder import RunFolder
 
 # Keys a resumed run cannot change: the network in the checkpoint and the preprocessing in the run's plan.json.
-FIXED = ("model.", "data.patch_size", "data.batch_size", "data.target_spacing", "data.modality", "data.ct_clip")
+FIXED = ("model.", "data.patch_size", "data.batch_size", "data.target_spacing", "data.modality", "data.ct_clip",
+         "data.anisotropic")
 
 
 def _get(raw: dict[str, Any], key: str) -> Any:

@@ -106,7 +106,8 @@ def _checked_dataset(cfg: Config, run: RunFolder) -> Dataset:
 def _apply_plan(cfg: Config, plan: Plan) -> Config:
     """The model config follows the plan (depth, widths) and the dataset (channels, classes)."""
     raw = cfg.model_dump(mode="json")
-    raw["model"].update(features=plan.features, in_channels=plan.channels, out_channels=len(plan.labels))
+    raw["model"].update(features=plan.features, in_channels=plan.channels, out_channels=len(plan.labels),
+                        strides=plan.strides, kernels=plan.kernels)
     raw["data"]["patch_size"] = plan.patch_size
     raw["data"]["batch_size"] = plan.batch_size
     raw["data"]["target_spacing"] = plan.spacing
@@ -117,8 +118,10 @@ def plan_table(plan: Plan, precision: str, accelerator: str, seed: int | None = 
     table = Table(title="Plan", show_header=False)
     for key, value in [
         ("cases", plan.num_cases), ("classes", ", ".join(f"{k}:{v}" for k, v in plan.labels.items())),
-        ("modality", plan.modality), ("spacing (mm)", plan.spacing), ("median shape", plan.median_shape),
+        ("modality", plan.modality + (f" ({plan.modality_source})" if plan.modality_source else "")),
+        ("spacing (mm)", plan.spacing), ("median shape", plan.median_shape),
         ("patch", plan.patch_size), ("batch", plan.batch_size), ("features", plan.features),
+        *([("strides / kernels", f"{plan.strides} / {plan.kernels}")] if plan.strides or plan.kernels else []),
         ("mirrored axes", plan.tta_axes() or "none"),
         ("device", accelerator), ("precision", precision), *([("seed", seed)] if seed is not None else []),
     ]:
