@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from segment.config import Config, ModelConfig, load_config
 from segment.data.check import check_dataset
@@ -22,6 +20,7 @@ from segment.inference.predictor import Predictor
 from segment.io.case import read_case
 from segment.io.dataset import discover
 from segment.io.image import read_label
+from tests.fixed_nets import FixedConv
 
 SHAPE = (12, 10, 8)
 META = {"modality": {"0": "MRI"}, "labels": {"0": "bg", "1": "a", "3": "c"}}
@@ -99,19 +98,9 @@ def test_plain_folder_with_gaps_gets_the_values_it_holds(tmp_path: Path) -> None
     assert len(plan.labels) == 3 and plan.label_values == [0, 1, 3]
 
 
-class ThreeClassNet(nn.Module):
-    """Fixed 1x1x1 conv: class 0 below 50, class 1 from 50 to 100, class 2 above 100 (raw intensities)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cfg = SimpleNamespace(padding="same")
-        self.conv = nn.Conv3d(1, 3, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1, 1))
-            self.conv.bias.copy_(torch.tensor([0.0, -50.0, -150.0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+def ThreeClassNet() -> FixedConv:  # noqa: N802
+    """Class 0 below 50, class 1 from 50 to 100, class 2 above 100 (raw intensities)."""
+    return FixedConv([0.0, 1.0, 2.0], [0.0, -50.0, -150.0])
 
 
 def test_prediction_writes_the_dataset_values_not_class_indices(tmp_path: Path) -> None:

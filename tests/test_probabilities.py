@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from segment.config import Config, ModelConfig
 from segment.data.plan import Plan
 from segment.inference.predictor import Predictor
 from segment.io.image import Geometry
+from tests.fixed_nets import FixedConv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,19 +19,9 @@ W = np.array([-0.1, 0.0, 0.1])  # logits w * x + b: class 0 below 40, class 1 be
 B = np.array([4.0, 0.0, -6.0])
 
 
-class ThreeClassNet(nn.Module):
-    """A fixed 1x1x1 convolution with the soft, known logits above (slope 0.1: probabilities far from 0 and 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cfg = SimpleNamespace(padding="same")
-        self.conv = nn.Conv3d(1, 3, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor(W, dtype=torch.float32).view(3, 1, 1, 1, 1))
-            self.conv.bias.copy_(torch.tensor(B, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+def ThreeClassNet() -> FixedConv:  # noqa: N802
+    """The soft, known logits above (slope 0.1: probabilities far from 0 and 1)."""
+    return FixedConv(W, B)
 
 
 def _predictor(spacing: list[float], **kwargs: object) -> Predictor:

@@ -23,11 +23,9 @@ from segment.errors import ConfigError
 from segment.run_folder import RunFolder
 from segment.train.resume import resumed_config
 from segment.train.runner import train
+from tests.test_train import TINY as TRAIN_TINY
 
-TINY = [
-    "model.features=[4,8,16]", "data.patch_size=[24,24,24]", "data.batch_size=2", "train.precision=32",
-    "data.augment.rotate_prob=0", "train.threads=1", "train.accelerator=cpu",
-]
+TINY = [o for o in TRAIN_TINY if not o.startswith("train.steps_per_epoch")] + ["train.accelerator=cpu"]
 
 
 @pytest.fixture(scope="module")
