@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,7 +67,8 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
         "--set", "train.steps_per_epoch=4", "--set", "train.threads=1",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
-    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env,
+                          cwd=tmp_path)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "distributed_backend=gloo" in log or "All distributed processes registered" in log, log[-3000:]
@@ -75,3 +77,11 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     # (with a RandomSampler, Lightning swapped in one pass over the 3 training cases: 1 step per epoch)
     assert ckpt["global_step"] == 4, ckpt["global_step"]
     assert ckpt["hyper_parameters"]["config"]["train"]["strategy"] == "ddp"
+    # one run folder, one set of run files, written once (by global rank 0): nothing else appeared anywhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "run"]
+    files = sorted(str(p.relative_to(out)) for p in out.iterdir())
+    assert files == ["checkpoints", "config.yaml", "curves.png", "fingerprint.json", "logs", "metrics.csv", "plan.json",
+                     "split.json", "summary.json"], files
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) == 4 and not set(split["train"]) & set(split["val"])
