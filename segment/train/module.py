@@ -45,7 +45,11 @@ class SegmentationModule(pl.LightningModule):
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def _supervised_loss(self, outputs: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-        """Deep supervision: weights halve per level (nnU-Net style), targets downsampled by nearest neighbour."""
+        """Deep supervision: weights halve per level (nnU-Net style), targets downsampled by nearest neighbour.
+
+        Not MONAI's `DeepSupervisionLoss`: it resizes the whole target to each head's size, while a valid-padded head
+        sees only the centre region of the main output, so its target must be center-cropped first (tests/test_losses.py).
+        """
         weights = [0.5**i for i in range(len(outputs))]
         total = sum(weights)
         loss = outputs[0].new_zeros(())
