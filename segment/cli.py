@@ -146,6 +146,8 @@ def predict(
     series: Annotated[Optional[str], typer.Option(help="DICOM folder with several series: which one (UID, its start/end, or "
                                                        "the number in the listed order)")] = None,
     debug: Annotated[bool, typer.Option("--debug", "-v", help="print the traceback of a failed case")] = False,
+    format_: Annotated[str, typer.Option("--format", help="nifti, dicom-seg (DICOM folders: a DICOM Segmentation "
+                                                          "<case>_seg.dcm) or both: nifti,dicom-seg")] = "nifti",
 ) -> None:
     """Segment scans; each output has exactly its scan's shape and header."""
     from segment.inference.batch import run_predict
@@ -153,7 +155,7 @@ def predict(
     code = run_predict(
         inputs, output=output, model=model, device=device, tta=tta, overlap=overlap,
         largest_component=largest_component, save_probabilities=save_probabilities, overwrite=overwrite,
-        series=series, debug=debug, precision=precision,
+        series=series, debug=debug, precision=precision, formats=format_,
     )
     raise typer.Exit(code)
 
@@ -189,6 +191,41 @@ def ablate(
 
     cfg = _config(config, set_, {"data.root": data})
     run_ablation(cfg, output=output, budget=budget, variants=variants)
+
+
+@app.command()
+@user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="run folder or .ckpt to export")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="model package folder to write")],
+    intended_use: Annotated[Optional[str], typer.Option(
+        "--intended-use", help="intended use for the model card (default: research use; not a medical device)")] = None,
+    license_: Annotated[str, typer.Option("--license", help="licence of the model, for the model card")] = "unspecified",
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="also write model.onnx (needs pip install "
+                                                                "'segment[export]')")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier model package in --output (never "
+                                                                "other files)")] = False,
+) -> None:
+    """Write a portable model package: safetensors weights, model.json, a model card and an ONNX graph.
+
+    `segment predict -m PACKAGE` uses it as it is; nothing in it is a pickle.
+    """
+    from segment.inference.export import check_target, export_package, is_package
+    from segment.inference.predictor import load_checkpoint
+    from segment.run_folder import resolve_checkpoint
+
+    check_target(output, overwrite)  # before reading a large checkpoint
+    ckpt = resolve_checkpoint(run)
+    if is_package(ckpt):
+        raise SegmentError(f"{ckpt}: is a model package already; copy the folder to share it")
+    model, plan, config = load_checkpoint(ckpt)
+    meta = export_package(model, plan, config, output, source=ckpt, intended_use=intended_use, license=license_,
+                          onnx=onnx, overwrite=overwrite)
+    files = [meta["weights"]["file"], "model.json", "model_card.md"] + ([meta["onnx"]["file"]] if meta["onnx"] else [])
+    typer.echo(f"model package: {output} ({', '.join(files)}; from {ckpt})")
+    if meta["onnx"] and meta["onnx"]["max_relative_difference_to_torch"] is not None:
+        typer.echo(f"onnx: opset {meta['onnx']['opset']}, input {meta['input']['shape']}; onnxruntime matches torch "
+                   f"(max relative difference {meta['onnx']['max_relative_difference_to_torch']:.1e})")
 
 
 @app.command("model-info")

@@ -17,29 +17,22 @@ another site sends is data, not a program.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from segment.config import Config, dump_config, validate
 from segment.data.plan import Plan
 from segment.errors import InputError
+from segment.io.files import replaced_atomically
 
 DEFAULT_RUNS = Path("runs")
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -177,7 +170,8 @@ class RunFolder:
 
 
 def resolve_checkpoint(model: str | Path | None, runs: Path = DEFAULT_RUNS) -> Path:
-    """A .ckpt file, a run folder (best.ckpt, else last.ckpt) or, with None, the newest run under `runs/`."""
+    """A .ckpt file, a run folder (best.ckpt, else last.ckpt), a model package folder (returned as it is: it holds
+    model.json, see `segment.inference.export`) or, with None, the newest run under `runs/`."""
     if model is None:
         found = [c for run in runs.glob("*") for c in RunFolder(run).checkpoints()[:1]] if runs.is_dir() else []
         if not found:
@@ -187,12 +181,14 @@ def resolve_checkpoint(model: str | Path | None, runs: Path = DEFAULT_RUNS) -> P
     if path.is_file():
         return path
     if path.is_dir():
+        if (path / "model.json").is_file():  # a model package (segment.inference.export.MODEL_JSON)
+            return path
         found = RunFolder(path).checkpoints()
         if found:
             return found[0]
         raise InputError(f"{path}: no checkpoints/best.ckpt or checkpoints/last.ckpt in this folder; "
-                         "pass a run folder or .ckpt")
-    raise InputError(f"{path}: model not found (expected a run folder or a .ckpt file)")
+                         "pass a run folder, a .ckpt or a model package (segment export)")
+    raise InputError(f"{path}: model not found (expected a run folder, a .ckpt file or a model package folder)")
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

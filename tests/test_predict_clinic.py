@@ -394,3 +394,13 @@ def test_memory_estimate_for_a_whole_body_ct_fits_the_target() -> None:
     need = predictor.memory_needed(ct)
     all_classes = 104 * 4 * 512 * 512 * 600  # one float32 copy of every class at full resolution: ~65 GB
     assert need < 8 * 2**30 and need < all_classes / 10
+
+
+def test_outputs_get_ordinary_permissions_not_owner_only(tmp_path: Path) -> None:
+    _, geometry = read_image(_save(tmp_path / "scan.nii.gz"))
+    old = os.umask(0o022)
+    try:
+        out = write_label(np.zeros(SHAPE, np.uint8), geometry, tmp_path / "out.nii.gz")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644  # a PACS import service running as another user can read it

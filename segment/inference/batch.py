@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from rich.console import Console
 from rich.markup import escape
@@ -115,38 +116,83 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[s
     return list(dict.fromkeys(p.resolve() for p in files)), cases, problems
 
 
-def output_paths(cases: list[ScanCase], output: Path | None, probabilities: bool) -> dict[str, tuple[Path, Path | None]]:
-    """Case name -> (label file, probability file or None): beside the scan, in the -o folder, or -o FILE for one case."""
-    single = output is not None and output.name.lower().endswith((".nii", ".nii.gz"))
+FORMATS = ("nifti", "dicom-seg")
+_SUFFIX = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
+
+
+class CaseOutputs(NamedTuple):
+    """Where one case's outputs go; None for an output not asked for."""
+
+    label: Path | None
+    probabilities: Path | None
+    dicom_seg: Path | None = None
+
+    def all(self) -> list[Path]:
+        return [p for p in self if p is not None]
+
+
+def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
+    """`--format nifti`, `dicom-seg` or `nifti,dicom-seg` -> the formats, in FORMATS order; anything else: one line."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    wanted = {item.strip().lower().replace("_", "-") for item in items if item.strip()}
+    unknown = sorted(wanted - set(FORMATS))
+    if unknown or not wanted:
+        raise InputError(f"--format {','.join(items) if not isinstance(text, str) else text}: expected "
+                         f"{' or '.join(FORMATS)}, or both separated by a comma (nifti,dicom-seg)")
+    return tuple(f for f in FORMATS if f in wanted)
+
+
+def output_paths(cases: list[ScanCase], output: Path | None, probabilities: bool,
+                 formats: Sequence[str] = ("nifti",)) -> dict[str, CaseOutputs]:
+    """Case key -> its outputs: beside the scan, in the -o folder, or -o FILE for one case.
+
+    Beside the scan or in a folder: `<case>_seg.nii.gz` and/or `<case>_seg.dcm`. With -o FILE (.nii, .nii.gz or
+    .dcm, of a format asked for) the other output takes FILE's base name with its own suffix.
+    """
+    lower = output.name.lower() if output is not None else ""
+    single = output is not None and lower.endswith((".nii", ".nii.gz", ".dcm"))
     if single and len(cases) != 1:
         raise InputError(f"-o {output}: a file name needs exactly one input case, got {len(cases)}; pass a folder")
-    paths: dict[str, tuple[Path, Path | None]] = {}
+    if single and ("dicom-seg" if lower.endswith(".dcm") else "nifti") not in formats:
+        raise InputError(f"-o {output}: the file name does not fit --format {','.join(formats)}; name it "
+                         + " or ".join(f"*{_SUFFIX[f]}" for f in formats))
+    paths: dict[str, CaseOutputs] = {}
     for case in cases:
         if single:
             assert output is not None
-            seg = output
-            base = output.name[: -len(".nii.gz")] if output.name.lower().endswith(".gz") else output.stem
+            base = next(output.name[: -len(s)] for s in (".nii.gz", ".nii", ".dcm") if lower.endswith(s))
+            label = output if not lower.endswith(".dcm") else output.with_name(f"{base}.nii.gz")
+            seg = output if lower.endswith(".dcm") else output.with_name(f"{base}.dcm")
             prob = output.with_name(f"{base}_probabilities.nii.gz")
         else:
             folder = output if output is not None else case.origin
-            seg, prob = folder / f"{case.name}_seg.nii.gz", folder / f"{case.name}_probabilities.nii.gz"
-        paths[case.key] = (seg, prob if probabilities else None)
+            label, seg = folder / f"{case.name}_seg.nii.gz", folder / f"{case.name}_seg.dcm"
+            prob = folder / f"{case.name}_probabilities.nii.gz"
+        paths[case.key] = CaseOutputs(label if "nifti" in formats else None, prob if probabilities else None,
+                                      seg if "dicom-seg" in formats else None)
     return paths
 
 
 def _summary(result: dict) -> str:
     volumes = ", ".join(f"{name} {ml:.2f} ml" for name, ml in result["volumes_ml"].items())
+    written = result["output"] + (f", {result['dicom_seg']}" if result.get("dicom_seg") not in (None, result["output"])
+                                  else "")
     return (f"[green]ok[/] {escape(result['case'])}: {result['seconds']:.2f} s, {result['voxels_per_s']:.3g} voxels/s; "
-            f"{escape(volumes) or 'no foreground'} -> {escape(result['output'])}")
+            f"{escape(volumes) or 'no foreground'} -> {escape(written)}")
 
 
 def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | None, device: str, tta: bool | None,
                 overlap: float | None, largest_component: bool | None, save_probabilities: bool, overwrite: bool,
-                series: str | None = None, debug: bool = False, precision: str | None = None) -> int:
-    """Segment every case; 0 when all succeeded, 1 when any input or case failed (all are listed at the end)."""
+                series: str | None = None, debug: bool = False, precision: str | None = None,
+                formats: str | Sequence[str] = "nifti") -> int:
+    """Segment every case; 0 when all succeeded, 1 when any input or case failed (all are listed at the end).
+
+    `formats`: "nifti" (default), "dicom-seg" (DICOM folders only) or both ("nifti,dicom-seg").
+    """
     from segment.inference.predictor import Predictor
     from segment.run_folder import resolve_checkpoint
 
+    formats = parse_formats(formats)
     console = Console(highlight=False, soft_wrap=True)
     files, dicom_cases, failures = expand_inputs(list(inputs))
     if not files and not dicom_cases:
@@ -161,13 +207,13 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
     cases += dicom_cases
     if note:
         console.print(note)
-    targets = output_paths(cases, Path(output) if output is not None else None, save_probabilities)
+    targets = output_paths(cases, Path(output) if output is not None else None, save_probabilities, formats)
     seen: dict[Path, str] = {}
     for case in cases:
-        seg = targets[case.key][0].resolve()
-        if seg in seen:
-            failures[case.key] = f"{case.images[0]}: output {seg} would also be written by {seen[seg]}"
-        seen.setdefault(seg, case.key)
+        for target in (t.resolve() for t in targets[case.key].all()):
+            if target in seen and case.key not in failures:
+                failures[case.key] = f"{case.images[0]}: output {target} would also be written by {seen[target]}"
+            seen.setdefault(target, case.key)
     todo = [c for c in cases if c.key not in failures]
     if todo:
         console.print(f"model {escape(str(ckpt))} on {predictor.device} ({len(todo)} case(s))")
@@ -184,21 +230,35 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
     return 1 if failures else 0
 
 
-def _run_cases(predictor: Predictor, cases: list[ScanCase], targets: dict[str, tuple[Path, Path | None]], overwrite: bool,
+def _is_dicom(case: ScanCase) -> bool:
+    return len(case.images) == 1 and case.images[0].is_dir()
+
+
+def _run_cases(predictor: Predictor, cases: list[ScanCase], targets: dict[str, CaseOutputs], overwrite: bool,
                failures: dict[str, str], console: Console, *, series: str | None = None, debug: bool = False) -> None:
     """Predict case by case under one progress bar; any error is one line for that case, and the next case goes on.
 
     `debug` adds the traceback (for bug reports); without it no failure of one case prints more than one line.
+    A DICOM-SEG asked for a case that is no DICOM series fails that case in one line; its NIfTI, when also asked
+    for, is still written.
     """
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("segmenting", total=len(cases))
         for case in cases:
             progress.update(task, description=f"segmenting {escape(case.name)}")
-            seg, prob = targets[case.key]
+            label, prob, dicom_seg = targets[case.key]
+            no_seg = dicom_seg is not None and label is not None and not _is_dicom(case)
             try:
-                result = predictor.predict_file(case.images, seg, overwrite=overwrite, probabilities=prob, series=series)
+                result = predictor.predict_file(case.images, label, overwrite=overwrite, probabilities=prob,
+                                                series=series, dicom_seg=None if no_seg else dicom_seg)
                 progress.console.print(_summary(result))
+                for warning in result.get("warnings", []):
+                    progress.console.print(f"[yellow]warning[/] {escape(warning)}")
+                if no_seg:
+                    failures[case.key] = (f"{case.images[0]}: DICOM-SEG needs a DICOM source series (a DICOM "
+                                          "folder); only the NIfTI label map was written")
+                    progress.console.print(f"[red]error[/] {escape(failures[case.key])}")
             except KeyboardInterrupt:
                 raise
             except Exception as err:  # noqa: BLE001 - one bad case (or an out-of-memory) never ends the batch

@@ -30,9 +30,13 @@ from segment.run_folder import read_checkpoint, resolve_checkpoint
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, Plan, Config]:
-    """Network, plan and config from a checkpoint, read as data only (see `segment.run_folder.read_checkpoint`)."""
+    """Network, plan and config from a checkpoint, read as data only (see `segment.run_folder.read_checkpoint`), or
+    from a model package folder (`segment export`: model.json + safetensors, see `segment.inference.export`)."""
+    from segment.inference.export import is_package, read_package
     from segment.nets import build_model
 
+    if is_package(path):
+        return read_package(path)
     ckpt = read_checkpoint(path)
     try:
         hp = ckpt["hyper_parameters"]
@@ -169,29 +173,59 @@ class Predictor:
         return labels, (to_source_grid(probs, geometry) if probs is not None else None)
 
     # ---- files --------------------------------------------------------------------------------------------
-    def predict_file(self, images: list[Path] | Path, out: Path, *, overwrite: bool = False,
-                     probabilities: Path | None = None, series: str | None = None) -> dict[str, Any]:
+    def predict_file(self, images: list[Path] | Path, out: Path | None, *, overwrite: bool = False,
+                     probabilities: Path | None = None, series: str | None = None,
+                     dicom_seg: Path | None = None) -> dict[str, Any]:
         """Segment one case (one file per channel, or one 4D file) into `out`; returns timing and label volumes.
 
         Outputs are checked before any compute (never an input, never a file segment did not write), then written
-        through a temporary file that is read back and checked before it replaces anything.
+        through a temporary file that is read back and checked before it replaces anything. `dicom_seg` also writes a
+        DICOM Segmentation (.dcm) referencing the source series (a DICOM folder only); `out=None` skips the NIfTI.
         """
         paths = tuple(Path(p) for p in (images if isinstance(images, (list, tuple)) else [images]))
-        for target in [out] + ([probabilities] if probabilities else []):
+        if out is None and dicom_seg is None:
+            raise InputError(f"{paths[0]}: no output asked for (neither a NIfTI label map nor a DICOM-SEG)")
+        for target in ([out] if out is not None else []) + ([probabilities] if probabilities else []):
             check_target(Path(target), overwrite, paths)
+        seg_headers = None
+        if dicom_seg is not None:
+            from segment.io.dicom_seg import check_seg_target, seg_source
+
+            if len(paths) != 1 or not paths[0].is_dir():
+                raise InputError(f"{paths[0]}: DICOM-SEG needs a DICOM source series (a DICOM folder), not a "
+                                 f"{'file' if paths[0].is_file() else 'set of files'}; use --format nifti for it")
+            check_seg_target(Path(dicom_seg), overwrite, paths)
+            seg_headers = seg_source(paths[0], series)  # what a SEG needs in the headers: refused before compute
         t0 = time.perf_counter()
         case = read_case(paths, expected_channels=self.plan.channels, series=series)
         labels, probs = self.predict_labels(case.channels, case.geometry, keep_probabilities=probabilities is not None)
         # class indices -> the dataset's own label values (3, not 2, when dataset.json declares 0, 1, 3)
-        written = write_label(decode_labels(labels, self.plan), case.geometry, out, overwrite=overwrite, inputs=paths)
+        written = (write_label(decode_labels(labels, self.plan), case.geometry, out, overwrite=overwrite, inputs=paths)
+                   if out is not None else None)
         if probabilities is not None and probs is not None:
             write_image(np.moveaxis(probs, 0, -1), case.geometry, probabilities, overwrite=overwrite, inputs=paths)
+        names = dict(enumerate(self.label_names.values()))  # class index -> name; index = DICOM-SEG segment number
+        warnings: list[str] = []
+        seg_written = None
+        if dicom_seg is not None:
+            from segment.io.dicom_seg import write_dicom_seg
+
+            seg_written = write_dicom_seg(labels, case.geometry, dicom_seg, source=paths[0], series=series,
+                                          names={i: n for i, n in names.items() if i > 0}, overwrite=overwrite,
+                                          inputs=paths, headers=seg_headers)
+            if not labels.any():
+                warnings.append(f"{paths[0]}: no class found; the DICOM-SEG {seg_written.name} has only empty segments")
         seconds = time.perf_counter() - t0
-        return {
-            "case": paths[0].name, "output": str(written), "seconds": seconds,
+        result = {
+            "case": paths[0].name, "output": str(written if written is not None else seg_written), "seconds": seconds,
             "voxels_per_s": float(np.prod(case.geometry.shape)) / max(seconds, 1e-9),
-            "volumes_ml": label_volumes(labels, case.geometry, dict(enumerate(self.label_names.values()))),
+            "volumes_ml": label_volumes(labels, case.geometry, names),
         }
+        if seg_written is not None:
+            result["dicom_seg"] = str(seg_written)
+        if warnings:
+            result["warnings"] = warnings
+        return result
 
     def predict_nifti(self, img: nib.Nifti1Image | str | Path) -> nib.Nifti1Image:
         """A label image with exactly the input's shape and header (qform, sform, codes, units kept)."""

@@ -11,13 +11,13 @@ Writes go to a temporary file in the target folder, are read back and checked, t
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from segment.errors import GeometryError, InputError
+from segment.io.files import replaced_atomically
 from segment.io.geometry import Geometry
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -122,23 +122,18 @@ def write_nifti(data: np.ndarray, geometry: Geometry, path: Path, *, what: str, 
         raise InputError(f"{path.parent}: cannot create output folder ({err.strerror})") from None
     img = to_nifti_image(data, geometry, what)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
     try:
-        nib.save(img, tmp)
-        written = nib.load(tmp)
-        grid = nifti_geometry(written, tuple(written.shape[:3]), str(path))
-        tol = _tolerance(geometry.affine)
-        if tuple(written.shape) != data.shape or not grid.same_grid(geometry, atol=tol):
-            raise GeometryError(f"{path}: written header does not match {geometry.source} "
-                                f"({grid.difference(geometry, atol=tol) or 'shape ' + str(written.shape)}); "
-                                "nothing was written")
-        os.replace(tmp, path)
+        with replaced_atomically(path, suffix) as tmp:
+            nib.save(img, tmp)
+            written = nib.load(tmp)
+            grid = nifti_geometry(written, tuple(written.shape[:3]), str(path))
+            tol = _tolerance(geometry.affine)
+            if tuple(written.shape) != data.shape or not grid.same_grid(geometry, atol=tol):
+                raise GeometryError(f"{path}: written header does not match {geometry.source} "
+                                    f"({grid.difference(geometry, atol=tol) or 'shape ' + str(written.shape)}); "
+                                    "nothing was written")
     except OSError as err:
         raise InputError(f"{path}: cannot write ({err.strerror})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
