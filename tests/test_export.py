@@ -185,3 +185,18 @@ def test_run_without_checkpoints_is_one_line(tmp_path: Path) -> None:
     line = _one_line_error(runner.invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "pkg")]))
     assert "no checkpoints/best.ckpt" in line
     assert not (tmp_path / "pkg").exists()
+
+
+def test_the_package_does_not_carry_the_training_machines_paths(tmp_path: Path) -> None:
+    import json
+
+    from segment.config import Config
+    from segment.inference.export import manifest
+    from segment.inference.predictor import load_checkpoint
+    from tests.test_predict_cli import make_checkpoint
+
+    model, plan, config = load_checkpoint(make_checkpoint(tmp_path / "m.ckpt"))
+    config = Config.model_validate({**config.model_dump(mode="json"),
+                                    "data": {**config.model_dump(mode="json")["data"], "root": "/hospital/secret/study"}})
+    text = json.dumps(manifest(model, plan, config))
+    assert "/hospital/secret" not in text

@@ -200,11 +200,19 @@ def manifest(model: nn.Module, plan: Plan, config: Config, *, source: Path | Non
         "format": FORMAT, "format_version": FORMAT_VERSION, "segment_version": segment_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "intended_use": intended_use or DEFAULT_INTENDED_USE, "license": license,
-        "config": config.model_dump(mode="json"), "plan": plan.to_dict(),
+        "config": _shareable(config), "plan": plan.to_dict(),
         "labels": labels_table(plan, config), "preprocessing": preprocessing(plan, config),
         **io_spec(model, plan, config),
         "training": run_info(source),
     }
+
+
+def _shareable(config: Config) -> dict[str, Any]:
+    """The config without the training machine's dataset path (a package travels to other sites; the card keeps the
+    folder name only)."""
+    raw = config.model_dump(mode="json")
+    raw["data"]["root"] = None
+    return raw
 
 
 def _metric(value: Any) -> str:
