@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from segment.version import segment_version
+
+__version__ = segment_version()
 
 if TYPE_CHECKING:  # pragma: no cover
     from segment.inference.predictor import predict as predict

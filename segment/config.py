@@ -77,7 +77,7 @@ class DataConfig(_Strict):
         "dataset.json, or without one detects CT by its Hounsfield range (segment.data.plan.detect_ct)",
     )
     anisotropic: bool = Field(
-        False, description="when one axis is > 2x coarser: nnU-Net's target spacing and per-axis strides and kernels "
+        True, description="when one axis is > 2x coarser: nnU-Net's target spacing and per-axis strides and kernels "
         "(no pooling, kernel 1 along that axis until the others catch up); false = every axis pooled at every level",
     )
     target_spacing: list[float] | None = Field(None, description="resample to this spacing (mm, canonical RAS axes); null = median")
@@ -85,7 +85,13 @@ class DataConfig(_Strict):
     batch_size: int | None = Field(None, ge=1, description="patches per step; null = planned")
     foreground_fraction: float = Field(0.33, ge=0, le=1, description="share of patches centred on foreground")
     ct_clip: list[float] | None = Field(None, description="CT intensity window [lo, hi]; null = dataset 0.5/99.5 percentiles")
-    cache: bool = Field(True, description="keep preprocessed volumes in memory after the first epoch")
+    cache: Literal["auto", "ram", "disk", "none"] = Field(
+        "auto", description="where preprocessed volumes are kept: ram (in memory), disk (memory-mapped files in "
+        "cache_dir, reused by later runs and resumes; patches are read from them), none (preprocess at every draw); "
+        "auto = ram when the estimate is under 25% of the free memory, else disk. true/false (older configs) = ram/none",
+    )
+    cache_dir: Path | None = Field(None, description="folder of the disk cache; null = cache/ in the segment home "
+                                   "($SEGMENT_HOME, else the user cache folder)")
     num_workers: int = Field(0, ge=0, description="data loader worker processes (0 = main process)")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of cases held out for validation (when fold is null)")
     folds: int = Field(5, ge=2, description="number of folds for k-fold splits")
@@ -93,6 +99,12 @@ class DataConfig(_Strict):
     max_cases: int | None = Field(None, ge=2, description="use only the first N cases (quick experiments)")
     skip_bad: bool = Field(False, description="train on the cases that pass the pre-training check and list the others in skipped.json; false = stop with the list of problems")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_bool(cls, v: Any) -> Any:
+        """Configs written before the disk cache had `cache: true/false`."""
+        return {True: "ram", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("target_spacing")
     @classmethod
@@ -210,6 +222,11 @@ class TrainConfig(_Strict):
     num_nodes: int = Field(1, ge=1, description="machines (multi-node with SLURM/torchrun)")
     val_every: int = Field(1, ge=1, description="validate every N epochs")
     val_overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap during validation")
+    val_time_fraction: float = Field(
+        0.1, ge=0, le=1, description="most of the wall time whole-volume validation may take: beyond it a fixed seeded "
+        "subset of the validation cases (plus rotating others while time is left) is validated, or a validation is "
+        "skipped; 0 or 1 = every case at every validation",
+    )
     tensorboard: bool = Field(False, description="also log to TensorBoard")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = all cores")
 

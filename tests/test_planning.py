@@ -65,9 +65,14 @@ CT_SHAPES = [[512, 512, 100], [448, 448, 90], [512, 512, 100]]
 CT_SPACINGS = [[0.7, 0.7, 2.5], [0.8, 0.8, 3.0], [0.6, 0.6, 2.0]]
 
 
+# z (2.5 mm) is > 2x the in-plane spacing: with the default data.anisotropic=true these CTs get nnU-Net's per-axis plan
+# (tests/test_anisotropic.py); here the rules every axis shares, as planned with data.anisotropic=false.
+ISOTROPIC = Config(data=DataConfig(anisotropic=False))
+
+
 def test_ct_plan_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_fingerprint(monkeypatch, CT_SHAPES, CT_SPACINGS)
-    plan, _ = make_plan(_dataset(3, "ct"), Config(), device="cpu")
+    plan, _ = make_plan(_dataset(3, "ct"), ISOTROPIC, device="cpu")
     assert plan.spacing == pytest.approx([0.7, 0.7, 2.5])
     assert plan.median_shape == [512, 512, 100]
     assert plan.patch_size == [64, 64, 72]
@@ -83,14 +88,14 @@ def test_ct_plan_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_ct_plan_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_fingerprint(monkeypatch, CT_SHAPES, CT_SPACINGS)
-    plan, _ = make_plan(_dataset(3, "ct"), Config(), device="cuda")
+    plan, _ = make_plan(_dataset(3, "ct"), ISOTROPIC, device="cuda")
     assert plan.patch_size == [160, 160, 112]
     # depth 5 != 4 stages given: widths double from the base 16
     assert plan.features == [16, 32, 64, 128, 256]
     # 2 * 128^3 = 4,194,304 // (160 * 160 * 112 = 2,867,200) = 1 -> 2
     assert plan.batch_size == 2
     # widths are capped at 320
-    wide = Config.model_validate({"model": {"features": [32, 64]}})
+    wide = Config.model_validate({"model": {"features": [32, 64]}, "data": {"anisotropic": False}})
     assert make_plan(_dataset(3, "ct"), wide, device="cuda")[0].features == [32, 64, 128, 256, 320]
 
 

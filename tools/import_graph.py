@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1] / "segment"
 
 # bottom -> top; names are module paths under segment/ (a package stands for everything in it)
 LAYERS: list[list[str]] = [
-    ["errors"],
-    ["config"],
+    ["errors", "version"],
+    ["config", "device"],
     ["io"],
     ["data"],
     ["nets"],
-    ["device", "run_folder", "figures"],
+    ["run_folder", "figures"],
     ["engine"],
     ["inference"],
     ["train", "evaluation", "doctor"],

@@ -32,6 +32,7 @@ from segment.data.labels import class_values
 from segment.data.plan import Plan
 from segment.errors import InputError
 from segment.run_folder import RunFolder
+from segment.version import segment_version
 
 FORMAT = "segment-model"
 FORMAT_VERSION = 1  # bump when a reader of the old version could not use a new package correctly
@@ -42,15 +43,6 @@ ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
 ONNX_TOLERANCE = 1e-3  # max |onnxruntime - torch| logits allowed at export, relative to max(1, max |logit|), fp32
 DEFAULT_INTENDED_USE = "research use; not a medical device"
 AXES = "canonical RAS voxel order: axis 0 left->right, 1 posterior->anterior, 2 inferior->superior"
-
-
-def segment_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("segment")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def is_package(path: str | Path) -> bool:

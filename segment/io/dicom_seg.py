@@ -22,8 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ import numpy as np
 from segment.errors import GeometryError, InputError
 from segment.io.files import replaced_atomically
 from segment.io.geometry import Geometry
+from segment.version import segment_version
 
 SEG_SUFFIX = ".dcm"
 MANUFACTURER = "segment"  # Manufacturer and ManufacturerModelName of every SEG we write: how we recognise our own
@@ -99,10 +98,7 @@ def property_codes(name: str) -> tuple[Any, Any]:
 
 
 def software_version() -> str:
-    try:
-        return version("segment")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return str(getattr(sys.modules.get("segment"), "__version__", "unknown"))
+    return segment_version()
 
 
 def is_our_seg(path: Path) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,6 +21,122 @@ from segment.config import Config
 from segment.data.plan import Plan
 from segment.engine.sliding import sliding_logits
 from segment.nets import build_model, center_crop
+
+VAL_FREE_S = 5.0  # a validation may always take this long, whatever the share (small data sets: everything, always)
+
+
+class ValidationBudget:
+    """Keeps whole-volume validation to `fraction` of the wall time (0 or 1: no limit), deciding case by case.
+
+    Time outside validation counts as training. At a validation the credit is fraction / (1 - fraction) x the training
+    time so far minus the validation time so far (but at least VAL_FREE_S), so over a run validation takes about
+    `fraction` of the wall time (plus at most one case's estimate), or VAL_FREE_S per validation where that is more.
+    Cases come in `ValOrder`: a seeded permutation of the validation cases.
+
+    - The first validation takes cases while the next one (at the mean time per case measured so far) fits the
+      credit, at least one. Those cases become the fixed *monitor subset*, validated at every later validation.
+    - A later validation runs only if the credit covers the monitor subset; otherwise it is skipped ("validate less
+      often"; never the first validation of a process, so a resumed run has a monitored value at once). After the
+      monitor subset it takes further cases from a position that rotates between validations, while they fit.
+
+    Why a fixed monitor subset: best.ckpt is chosen on `val_dice_mean`, and a Dice over 12 other cases each epoch
+    is a different quantity every epoch (an easy subset would win). Validating the full set only now and then would
+    keep the comparison fair too, but it gives the checkpoint choice far fewer, far apart chances, and the full set
+    may never fit the budget at all; a fixed subset sized to the budget is compared at every validation. When the
+    whole set fits (the usual case on small data sets) the monitor subset is the whole set.
+
+    Decisions are made by `steps` (batch indices: one case per step and rank) so that under DDP rank 0 can decide and
+    every rank follow (`SegmentationModule._agree`).
+    """
+
+    def __init__(self, fraction: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.fraction = float(fraction)
+        self.clock = clock
+        self.train_s = 0.0  # wall time outside validation, all parts of a resumed run
+        self.val_s = 0.0  # wall time in validation
+        self.monitor_steps: int | None = None  # size of the monitor subset (steps); None until the first validation
+        self.step_s = 0.0  # mean measured seconds per validated step (load + sliding window)
+        self.timed = 0
+        self._mark: float | None = None
+        self._v0 = 0.0
+        self._credit = math.inf
+        self._open = True
+        self._fresh = True  # no validation yet in this process
+        self.skipped = False
+        self.taken: list[int] = []
+
+    @property
+    def unlimited(self) -> bool:
+        return not 0 < self.fraction < 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_s": self.train_s, "val_s": self.val_s, "monitor_steps": self.monitor_steps,
+                "step_s": self.step_s, "timed": self.timed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("train_s", "val_s", "monitor_steps", "step_s", "timed"):
+            if key in state:
+                setattr(self, key, state[key])
+
+    def training_started(self) -> None:
+        if self._mark is None:
+            self._mark = self.clock()
+
+    def credit(self) -> float:
+        """Seconds of validation the budget allows now (negative: overdrawn)."""
+        if self.unlimited:
+            return math.inf
+        return self.fraction / (1 - self.fraction) * self.train_s - self.val_s
+
+    def begin(self) -> bool:
+        """A validation starts: whether it runs at all (False: skipped, the monitor subset does not fit the credit)."""
+        now = self.clock()
+        if self._mark is not None:
+            self.train_s += now - self._mark
+            self._mark = None
+        self._v0, self.taken, self._open = now, [], True
+        self._credit = max(self.credit(), VAL_FREE_S)
+        self.skipped = (not self.unlimited and not self._fresh and self.monitor_steps is not None
+                        and self._credit < self.monitor_steps * self.step_s)
+        return not self.skipped
+
+    def wants(self, step: int) -> bool:
+        """Whether to validate step `step` of this validation."""
+        if self.unlimited:
+            return True
+        if self.skipped:
+            return False
+        if self.monitor_steps is None:
+            if not self.taken:  # the first validation takes at least one case
+                return True
+        elif step < self.monitor_steps:
+            return True
+        return self._open and self.clock() - self._v0 + self.step_s <= self._credit
+
+    def record(self, step: int, taken: bool, seconds: float | None = None) -> None:
+        """What was done at `step` (as agreed by every rank): the cases taken are a prefix beyond the monitor subset."""
+        if not taken:
+            self._open = False
+            return
+        self.taken.append(step)
+        if seconds is not None:
+            self.timed += 1
+            self.step_s += (seconds - self.step_s) / self.timed
+
+    def is_monitor(self, step: int) -> bool:
+        return self.unlimited or self.monitor_steps is None or step < self.monitor_steps
+
+    def end(self) -> int:
+        """The validation is over: returns the number of steps taken beyond the monitor subset (rotating cases)."""
+        now = self.clock()
+        self.val_s += now - self._v0
+        self._mark, self._fresh = now, False
+        if self.unlimited:
+            return 0
+        if self.monitor_steps is None and self.taken:
+            self.monitor_steps = len(self.taken)
+            return 0
+        return max(0, len(self.taken) - (self.monitor_steps or 0))
 
 
 class SegmentationModule(pl.LightningModule):
@@ -35,6 +152,11 @@ class SegmentationModule(pl.LightningModule):
         )
         self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
         self.max_time_s = max_time_s
+        # validation time budget (train.val_time_fraction) and the validation loader's `ValOrder` sampler, which the
+        # runner attaches (`val_cases`); without one every validation batch is validated
+        self.val_budget = ValidationBudget(self.cfg.train.val_time_fraction)
+        self.val_cases: Any = None
+        self._val_rows: list[tuple[bool, torch.Tensor]] = []
         # training time spent, in every part of a resumed run: a Lightning Timer whose state is in the checkpoint
         # (set by the runner, see segment.train.resume.clock); without one, a wall clock started at first use
         self.clock: Any = None
@@ -76,25 +198,93 @@ class SegmentationModule(pl.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=n)
         return loss
 
-    # ---- validation on whole volumes ---------------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        image, label = batch["image"], batch["label"]
+    # ---- validation on whole volumes, within a time budget (ValidationBudget) ------------------------------------
+    def _agree(self, value: Any) -> Any:
+        """Rank 0's value on every rank (a decision all ranks must follow); the value itself on one process."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return value
+        return trainer.strategy.broadcast(value, src=0)
+
+    def on_train_start(self) -> None:
+        self.val_budget.training_started()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
+        self.dice.reset()
+        runs = self._agree(self.val_budget.begin())
+        self.val_budget.skipped = not runs and not self.val_budget.unlimited
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        t0 = time.monotonic()
+        if hasattr(batch, "load"):  # a CaseHandle: loaded only when the budget takes it
+            take = bool(self._agree(self.val_budget.wants(batch_idx)))
+            if not take:
+                self.val_budget.record(batch_idx, False)
+                return
+            batch = batch.load()
+        image = batch["image"].to(self.device)
+        label = batch["label"].to(self.device)
         logits = sliding_logits(
             self.model, image, self.plan.patch_size, overlap=self.cfg.train.val_overlap,
             sw_batch_size=self.cfg.predict.sw_batch_size,
         )
         k = self.cfg.model.out_channels
         pred = one_hot(logits.argmax(1, keepdim=True), k)
-        self.dice(pred, one_hot(label, k))
+        # (1, classes-1); NaN never: ignore_empty=False gives 1 for empty/empty
+        row = self.dice(pred, one_hot(label, k)).detach().float()
+        self._val_rows.append((self.val_budget.is_monitor(batch_idx), row))
+        self.val_budget.record(batch_idx, True, time.monotonic() - t0)
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.dice.aggregate()  # (cases, classes-1); NaN never: ignore_empty=False gives 1 for empty/empty
         self.dice.reset()
-        per_class = torch.nanmean(scores.float(), dim=0)
+        rows, self._val_rows = self._val_rows, []
+        budget = self.val_budget
+        was_first = budget.monitor_steps is None
+        extra = budget.end()
+        world = self._trainer.world_size if self._trainer is not None else 1
+        order = self.val_cases
+        n_cases = order.n_items if order is not None else len(rows)
+        if order is not None and not budget.unlimited:
+            order.monitor = None if budget.monitor_steps is None else min(n_cases, budget.monitor_steps * world)
+            order.cursor += extra * world
+        share = f"{budget.fraction:.0%} time budget"
+        if not rows:
+            # nothing logged: ModelCheckpoint keeps the last monitored value (Lightning's callback_metrics), which is
+            # never better than the best so far, so no checkpoint is chosen on an epoch without validation
+            self.print(f"validation: skipped this epoch ({share}: {budget.credit():.1f} s left, the "
+                       f"{order.monitor if order is not None else '?'} monitor case(s) take ~"
+                       f"{(budget.monitor_steps or 0) * budget.step_s:.1f} s)")
+            return
+        monitored = torch.cat([r for m, r in rows if m] or [r for _, r in rows])
+        everything = torch.cat([r for _, r in rows])
+        per_class = torch.nanmean(monitored, dim=0)
         for idx, value in enumerate(per_class, start=1):
             name = self.plan.labels.get(idx, f"class_{idx}")
             self.log(f"val_dice_{name}", value, sync_dist=True)
         self.log("val_dice_mean", per_class.mean(), prog_bar=True, sync_dist=True)
+        # every case validated this epoch (monitor subset + rotating ones): for the curves, never for best.ckpt
+        self.log("val_cases", float(len(rows)), sync_dist=True, reduce_fx="sum")
+        self.log("val_epoch_dice_mean", torch.nanmean(everything, dim=0).mean(), sync_dist=True)
+        done = min(n_cases, len(rows) * world)
+        if not budget.unlimited and done < n_cases:
+            monitor = min(n_cases, (budget.monitor_steps or 0) * world)
+            how = ("the fixed monitor subset from now on (val_dice_mean, best.ckpt)" if was_first else
+                   f"{monitor} fixed monitor case(s) (val_dice_mean, best.ckpt) + {done - monitor} rotating")
+            self.print(f"validation: {done} of {n_cases} cases this epoch ({share}): {how}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self.val_budget.state_dict()
+        if self.val_cases is not None:
+            state.update(monitor=self.val_cases.monitor, cursor=self.val_cases.cursor)
+        checkpoint["val_budget"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("val_budget") or {}
+        self.val_budget.load_state_dict(state)
+        if self.val_cases is not None:
+            self.val_cases.monitor = state.get("monitor", self.val_cases.monitor)
+            self.val_cases.cursor = int(state.get("cursor", self.val_cases.cursor))
 
     # ---- optimisation ----------------------------------------------------------------------------------------------
     def _elapsed(self) -> float:

@@ -104,13 +104,12 @@ def _checked_dataset(cfg: Config, run: RunFolder) -> Dataset:
 
 
 def _apply_plan(cfg: Config, plan: Plan) -> Config:
-    """The model config follows the plan (depth, widths) and the dataset (channels, classes)."""
+    """The model config follows the plan (depth, widths, strides) and the dataset (channels, classes), so a checkpoint's
+    config alone rebuilds its network. Patch, batch and spacing stay in the plan only (plan.json, read through
+    RunFolder): config.yaml keeps what the user asked for (null = planned), not a second copy that could disagree."""
     raw = cfg.model_dump(mode="json")
     raw["model"].update(features=plan.features, in_channels=plan.channels, out_channels=len(plan.labels),
                         strides=plan.strides, kernels=plan.kernels)
-    raw["data"]["patch_size"] = plan.patch_size
-    raw["data"]["batch_size"] = plan.batch_size
-    raw["data"]["target_spacing"] = plan.spacing
     return validate(raw, "planned config")
 
 
@@ -190,6 +189,9 @@ def _trainer(cfg: Config, run: RunFolder, precision: str, accelerator: str, extr
     loggers: list = [CSVLogger(run.path, name=run.LOGS, version=version)]
     if t.tensorboard:
         loggers.append(TensorBoardLogger(run.path, name=run.TENSORBOARD, version=""))
+    # val_dice_mean is the Dice over the fixed monitor subset of the validation cases (all of them when validation fits
+    # train.val_time_fraction): the same cases at every validation, so best.ckpt compares like with like
+    # (segment.train.module.ValidationBudget)
     best = ModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.BEST, monitor="val_dice_mean", mode="max")
     # last.ckpt from its own unmonitored callback: in Lightning 2.6 (checked) `save_last=True` on a monitored callback only
     # writes `last` when the monitored value improved, so an epoch without a new best left last.ckpt (and --resume) behind
@@ -247,6 +249,7 @@ def train(
     max_time_s = parse_duration(cfg.train.max_time)
     module = SegmentationModule(cfg.model_dump(mode="json"), plan.to_dict(), max_time_s=max_time_s)
     module.clock = clock(max_time_s)
+    module.val_cases = val_loader.sampler  # the ValOrder whose monitor subset and rotation the module sets
     trainer = _trainer(cfg, run, precision, accelerator, [module.clock, RunState(train_loader.sampler)])
     t0 = time.monotonic()
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_checkpoint) if resume else None)
