@@ -74,7 +74,7 @@ class DataConfig(_Strict):
     root: Path | None = Field(None, description="dataset folder (MSD layout or plain pairs); null = embedded demo")
     modality: Literal["auto", "mri", "ct", "other"] = Field(
         "auto", description="normalisation scheme (ct: clip + dataset z-score; mri/other: per-image z-score); auto reads "
-        "dataset.json, or without one detects CT by its Hounsfield range (segment.data.plan.detect_ct)",
+        "dataset.json, or without one detects CT by its Hounsfield range (segment.data.modality.detect_ct)",
     )
     anisotropic: bool = Field(
         True, description="when one axis is > 2x coarser: nnU-Net's target spacing and per-axis strides and kernels "

@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from segment.config import Config, DataConfig
-from segment.data.plan import decide_modalities, detect_ct, make_plan
+from segment.data.modality import decide_modalities, detect_ct
+from segment.data.plan import make_plan
 from segment.io.dataset import Case, Dataset, discover
 
 

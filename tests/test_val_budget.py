@@ -34,7 +34,7 @@ class Clock:
 
 
 def test_budget_takes_a_monitor_subset_then_rotates_or_skips(monkeypatch: pytest.MonkeyPatch) -> None:
-    from segment.train import module
+    from segment.train import validation as module
 
     monkeypatch.setattr(module, "VAL_FREE_S", 0.0)
     clock = Clock()
@@ -96,9 +96,9 @@ def _fake_sliding(seconds: float):
 def test_slow_validation_keeps_to_its_share_and_says_so(ten_cases: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture) -> None:
-    from segment.train import module
+    from segment.train import module, validation
 
-    monkeypatch.setattr(module, "VAL_FREE_S", 0.0)
+    monkeypatch.setattr(validation, "VAL_FREE_S", 0.0)
     monkeypatch.setattr(module, "sliding_logits", _fake_sliding(0.4))
     rows, state = _run(ten_cases, tmp_path / "run")
     out = capsys.readouterr()
@@ -113,9 +113,9 @@ def test_slow_validation_keeps_to_its_share_and_says_so(ten_cases: Path, tmp_pat
 
 def test_fast_validation_validates_every_case(ten_cases: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
-    from segment.train import module
+    from segment.train import module, validation
 
-    monkeypatch.setattr(module, "VAL_FREE_S", 0.0)
+    monkeypatch.setattr(validation, "VAL_FREE_S", 0.0)
     monkeypatch.setattr(module, "sliding_logits", _fake_sliding(0.0))
     # ~0.02 s a case (the Dice of a real label), 8 cases: well under 10% of 50 training steps
     rows, state = _run(ten_cases, tmp_path / "run", "train.steps_per_epoch=50", "train.max_epochs=3")

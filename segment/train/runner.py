@@ -191,7 +191,7 @@ def _trainer(cfg: Config, run: RunFolder, precision: str, accelerator: str, extr
         loggers.append(TensorBoardLogger(run.path, name=run.TENSORBOARD, version=""))
     # val_dice_mean is the Dice over the fixed monitor subset of the validation cases (all of them when validation fits
     # train.val_time_fraction): the same cases at every validation, so best.ckpt compares like with like
-    # (segment.train.module.ValidationBudget)
+    # (segment.train.validation.ValidationBudget)
     best = ModelCheckpoint(dirpath=run.checkpoint_dir, filename=run.BEST, monitor="val_dice_mean", mode="max")
     # last.ckpt from its own unmonitored callback: in Lightning 2.6 (checked) `save_last=True` on a monitored callback only
     # writes `last` when the monitored value improved, so an epoch without a new best left last.ckpt (and --resume) behind
