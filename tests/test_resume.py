@@ -34,7 +34,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _rows(run: Path, path: str = "metrics.csv") -> list[dict]:
-    return list(csv.DictReader((run / path).open()))
+    return list(csv.DictReader((run / path).open(encoding="utf-8")))
 
 
 def test_resumed_config_changes_only_what_was_given(tmp_path: Path) -> None:
@@ -104,7 +104,7 @@ def test_time_budget_counts_every_part_and_the_lr_schedule_continues(tiny_data: 
 
 
 def _cli_train(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120", "PYTHONIOENCODING": "utf-8"}
     return subprocess.Popen([sys.executable, "-m", "segment.cli", "train", *args], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env=env)
 
@@ -135,19 +135,19 @@ def test_killed_run_resumes_exactly_like_an_uninterrupted_one(tiny_data: Path, t
     deadline = time.monotonic() + 300
     while _epoch(ckpt) < 1 and b.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert b.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()
+    assert b.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text(encoding="utf-8", errors="replace")
     os.kill(b.pid, signal.SIGKILL)
     b.wait()
     assert b.returncode == -signal.SIGKILL and 1 <= _epoch(ckpt) < 4
-    assert a.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()
+    assert a.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text(encoding="utf-8", errors="replace")
 
     resumed = _cli_train(["--resume", "-o", str(killed)], tmp_path / "resumed.log")
-    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text(encoding="utf-8", errors="replace")
     done, ref = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=True) for r in (killed, whole))
     assert (done["epoch"], done["global_step"]) == (ref["epoch"], ref["global_step"]) == (4, 15)
     for key in ("lr", "train_loss_step", "train_loss", "val_dice_mean"):
         assert _per_step(killed, key) == _per_step(whole, key), key
     assert len(_per_step(whole, "lr")) == 5
     assert all(torch.equal(done["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])
-    log = (tmp_path / "resumed.log").read_text()
+    log = (tmp_path / "resumed.log").read_text(encoding="utf-8", errors="replace")
     assert "resuming" in log and "--resume:" not in log  # nothing was given, so nothing changed

@@ -35,7 +35,7 @@ def test_training_on_hippocampus_beats_an_untrained_model(hippocampus: Path, tmp
 
     cfg = load_config(overrides=[
         f"data.root={hippocampus}", "data.max_cases=40", "train.max_epochs=3", "train.steps_per_epoch=40",
-        "data.batch_size=4", "train.threads=2",
+        "data.batch_size=4", "train.threads=2", "train.precision=32",  # fp32: no timing-dependent bf16 choice
     ])
     result = train(cfg, output=tmp_path / "run")
     assert result.steps == 120
@@ -48,9 +48,11 @@ def test_training_on_hippocampus_beats_an_untrained_model(hippocampus: Path, tmp
     untrained = Predictor(build_model(trained.config.model), trained.plan, trained.config, device="cpu")
     before, after = _mean_dice(untrained, cases), _mean_dice(trained, cases)
     print(f"hippocampus 120 steps: untrained Dice {before:.3f} -> trained {after:.3f}")
-    # measured on 2 busy CPU cores (2026-11-23): untrained 0.052, trained 0.784 after 120 steps
+    # measured (2026-12-02, AMD EPYC, fp32, seed 0, last.ckpt): untrained 0.05, trained 0.810 after 120 steps; the same
+    # run with a loss that only separates foreground from background 0.287, with flips applied to the image but not
+    # the label 0.724 -- the floor sits between a working run and the mildest breakage measured
     assert before < 0.2
-    assert after > 0.6
+    assert after > 0.77
     assert after > before + 0.4
 
 
