@@ -20,7 +20,6 @@ read back and checked, then renamed over the target.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from segment.errors import GeometryError, InputError
-from segment.io.files import replaced_atomically
+from segment.io.files import check_output, replaced_atomically
 from segment.io.geometry import Geometry
 from segment.version import segment_version
 
@@ -123,23 +122,10 @@ def check_seg_target(path: Path, overwrite: bool, inputs: tuple[Path, ...] = ())
     resolved = path.resolve()
     for p in inputs:
         source = Path(p).resolve()
-        if resolved == source:
-            raise InputError(f"{path}: this is an input of the same case; refusing to write over it")
         if source.is_dir() and resolved.parent == source:
             raise InputError(f"{path}: inside the DICOM series folder {p}, where it would be read as a second series "
                              "next time; write it beside the folder or choose another -o")
-    if path.exists():
-        if not is_our_seg(path):
-            raise InputError(f"{path}: exists and was not written by segment; it is never replaced, even with "
-                             "--overwrite; choose another -o")
-        if not overwrite:
-            raise InputError(f"{path}: file exists; pass --overwrite to replace it")
-    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not folder.is_dir():
-        raise InputError(f"{folder}: cannot create output folder for {path.name} (it is a file, not a writable folder)")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: cannot write there ({folder} is not a writable folder)")
-    return path
+    return check_output(path, overwrite, inputs, is_our_seg)
 
 
 def sorted_source_headers(folder: Path, series: str | None = None) -> list[Any]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from segment.errors import InputError
 
 
 def _umask() -> int:
@@ -36,3 +38,24 @@ def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...], is_ours: Callable[[Path], bool]) -> Path:
+    """Refuse an output before any compute: one of the case's inputs, a file segment did not write (`is_ours` says which
+    are ours: never replaced, even with --overwrite), an earlier output without --overwrite, an unwritable folder."""
+    path = Path(path)
+    resolved = path.resolve()
+    if any(resolved == Path(p).resolve() for p in inputs):
+        raise InputError(f"{path}: this is an input of the same case; refusing to write over it")
+    if path.exists():
+        if not is_ours(path):
+            raise InputError(f"{path}: exists and was not written by segment (e.g. a ground-truth label); it is never "
+                             "replaced, even with --overwrite; choose another -o")
+        if not overwrite:
+            raise InputError(f"{path}: file exists; pass --overwrite to replace it")
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise InputError(f"{folder}: cannot create output folder for {path.name} (it is a file, not a writable folder)")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: cannot write there ({folder} is not a writable folder)")
+    return path

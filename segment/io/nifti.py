@@ -10,14 +10,13 @@ Writes go to a temporary file in the target folder, are read back and checked, t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from segment.errors import GeometryError, InputError
-from segment.io.files import replaced_atomically
+from segment.io.files import check_output, replaced_atomically
 from segment.io.geometry import Geometry
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -95,21 +94,7 @@ def check_target(path: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> 
     path = Path(path)
     if not is_nifti(path):
         raise InputError(f"{path}: outputs are written as NIfTI; use a .nii.gz (or .nii) file name")
-    resolved = path.resolve()
-    if any(resolved == Path(p).resolve() for p in inputs):
-        raise InputError(f"{path}: this is an input of the same case; refusing to write over it")
-    if path.exists():
-        if not is_our_output(path):
-            raise InputError(f"{path}: exists and was not written by segment (e.g. a ground-truth label); it is never "
-                             "replaced, even with --overwrite; choose another -o")
-        if not overwrite:
-            raise InputError(f"{path}: file exists; pass --overwrite to replace it")
-    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not folder.is_dir():
-        raise InputError(f"{folder}: cannot create output folder for {path.name} (it is a file, not a writable folder)")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: cannot write there ({folder} is not a writable folder)")
-    return path
+    return check_output(path, overwrite, inputs, is_our_output)
 
 
 def write_nifti(data: np.ndarray, geometry: Geometry, path: Path, *, what: str, overwrite: bool = False,
