@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from segment.device import cpu_has_bf16, cuda_mixed_dtype, mps_available
 from segment.errors import ConfigError
 
 SHM_MIN_GB = 2.0
@@ -143,10 +144,15 @@ def gpu_info() -> list[dict[str, Any]]:
     return gpus
 
 
-def mps_available() -> bool:
-    """Apple-silicon GPU backend; False on every Linux node."""
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend is not None and backend.is_available())
+def precision_policy(cuda: bool) -> dict[str, str]:
+    """What `precision: auto` becomes here, in the words of the one policy (`segment.device`) train and predict use."""
+    if cuda:
+        bf16 = cuda_mixed_dtype() == torch.bfloat16
+        return {"train": "bf16-mixed" if bf16 else "16-mixed", "predict": "bf16" if bf16 else "fp16"}
+    if cpu_has_bf16():
+        timed = "bf16 where a timed step of the planned network is >= 10% faster than fp32, else fp32"
+        return {"train": timed, "predict": timed}
+    return {"train": "fp32 (no bf16 units on this CPU)", "predict": "fp32 (no bf16 units on this CPU)"}
 
 
 def collect_info() -> dict[str, Any]:
@@ -175,6 +181,7 @@ def collect_info() -> dict[str, Any]:
         "cpu_fp16": autocast_works("cpu", torch.float16),
         "cuda_bf16": autocast_works("cuda", torch.bfloat16) if cuda else None,
         "cuda_fp16": autocast_works("cuda", torch.float16) if cuda else None,
+        "precision_auto": precision_policy(cuda),
     }
     info["warnings"] = find_warnings(info)
     return info
@@ -243,6 +250,8 @@ def build_table(info: dict[str, Any]) -> Table:
         ("/dev/shm", _fmt(info.get("shm_total_gb"), " GB")),
         ("bf16 / fp16 on CPU", f"{_fmt(info.get('cpu_bf16'))} / {_fmt(info.get('cpu_fp16'))}"),
         ("bf16 / fp16 on CUDA", f"{_fmt(info.get('cuda_bf16'))} / {_fmt(info.get('cuda_fp16'))}"),
+        ("precision auto: train", (info.get("precision_auto") or {}).get("train")),
+        ("precision auto: predict", (info.get("precision_auto") or {}).get("predict")),
     ]
     for label, value in rows:
         table.add_row(label, value if isinstance(value, str) else _fmt(value))

@@ -108,3 +108,14 @@ def test_table_lists_gpus_from_info(info: dict[str, Any]) -> None:
     text = console.export_text()
     assert "NVIDIA H100, 79.1 GB, sm 9.0" in text
     assert info["torch"] in text
+
+
+def test_doctor_reports_the_precision_policy_train_and_predict_use(monkeypatch) -> None:  # noqa: ANN001
+    from segment import device, doctor
+
+    monkeypatch.setattr(doctor, "cpu_has_bf16", lambda: False)
+    assert doctor.precision_policy(cuda=False)["train"].startswith("fp32")
+    monkeypatch.setattr(doctor, "cpu_has_bf16", lambda: True)
+    assert "timed step" in doctor.precision_policy(cuda=False)["predict"]
+    monkeypatch.setattr(doctor, "cuda_mixed_dtype", lambda: device.torch.float16)
+    assert doctor.precision_policy(cuda=True) == {"train": "16-mixed", "predict": "fp16"}
