@@ -264,7 +264,7 @@ def estimate_ram_bytes(plan: Plan, n_train: int, n_val: int, cases: Iterable[Cas
     the int64 foreground/background voxel indices of the padded volume; per validation case image and label."""
     shape = list(plan.median_shape or [])
     if not shape:  # plans written before median_shape: read the headers
-        from segment.io.dataset import read_channel_geometry
+        from segment.io.image import read_channel_geometry
         from segment.io.geometry import canonical_grid, resampled_shape
 
         shapes = []

@@ -31,7 +31,8 @@ from segment.config import Config
 from segment.data.labels import values_to_classes
 from segment.data.modality import decide_modalities
 from segment.io.case import read_case
-from segment.io.dataset import Dataset, read_channel_geometry
+from segment.io.dataset import Dataset
+from segment.io.image import read_channel_geometry
 from segment.io.geometry import canonical_grid, resampled_shape
 from segment.io.image import Geometry
 

@@ -113,8 +113,8 @@ class Predictor:
         from segment.engine.stream import SLAB_BYTES
 
         voxels = float(np.prod(geometry.shape))
-        net = float(np.prod(resampled_shape(canonical_grid(geometry).shape, canonical_grid(geometry).spacing,
-                                            self.plan.spacing)))
+        canonical = canonical_grid(geometry)
+        net = float(np.prod(resampled_shape(canonical.shape, canonical.spacing, self.plan.spacing)))
         k, c = int(self.config.model.out_channels), int(self.plan.channels)
         copies = 2 if self.tta else 1
         slab = min(4.0 * k * net * copies, 3.0 * SLAB_BYTES * copies)

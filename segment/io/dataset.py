@@ -22,15 +22,11 @@ from typing import Any, Literal
 import numpy as np
 
 from segment.errors import ConfigError, GeometryError, InputError, SegmentError
-from segment.io.geometry import Geometry
 from segment.io.image import (
-    _load_nifti,
-    _spatial_shape,
-    read_channels,
+    read_channel_geometry,
     read_geometry,
     read_label,
 )
-from segment.io.nifti import is_nifti, nifti_geometry
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +58,6 @@ class Dataset:
     skipped: dict[str, str] = field(default_factory=dict)
     # kind of each channel as declared in dataset.json ('ct', 'mri', other lower-case text); empty when undeclared
     channel_modalities: list[str] = field(default_factory=list)
-
-
-def read_channel_geometry(path: str | Path) -> tuple[Geometry, int]:
-    """Header-only grid of an image file and its channel count: 1 for a 3D volume, the length of the 4th axis for a 4D
-    file (MSD multi-modal: one volume per channel). `read_geometry` stays 3D-only, so a 4D label map is still refused."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    if not is_nifti(path):  # NRRD/MHA/DICOM: read once through the checked reader
-        arrays, geometry = read_channels(path)
-        return geometry, len(arrays)
-    img = _load_nifti(path)
-    dims = [int(s) for s in img.shape]
-    spatial = _spatial_shape(tuple(dims), path, True)
-    while len(dims) > 3 and dims[-1] == 1:
-        dims.pop()
-    return nifti_geometry(img, spatial, str(path)), (dims[3] if len(dims) == 4 else 1)
 
 
 def label_values(label: np.ndarray) -> set[int]:

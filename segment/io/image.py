@@ -18,8 +18,8 @@ from segment.io.geometry import Geometry, check_affine, from_canonical, itk_affi
 from segment.io.nifti import is_nifti as _is_nifti
 from segment.io.nifti import nifti_geometry, write_image, write_label
 
-__all__ = ["Geometry", "check_affine", "from_canonical", "read_channels", "read_geometry", "read_image", "read_label",
-           "to_canonical", "write_image", "write_label"]
+__all__ = ["Geometry", "check_affine", "from_canonical", "read_channel_geometry", "read_channels", "read_geometry",
+           "read_image", "read_label", "to_canonical", "write_image", "write_label"]
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -55,8 +55,13 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
     try:
         return nib.load(str(path))
     except Exception as err:  # nibabel raises many types for corrupt files  # noqa: BLE001
-        raise InputError(f"{path}: not a readable NIfTI image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") \
-            from None
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> InputError:
+    """One line for a NIfTI file nibabel cannot read: at its header (corrupt) or its voxels (truncated)."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return InputError(f"{path}: not a readable NIfTI image ({reason})")
 
 
 def _read_raw(path: str | Path, series: str | None = None, channels: bool = False) -> tuple[np.ndarray, Geometry]:
@@ -70,8 +75,7 @@ def _read_raw(path: str | Path, series: str | None = None, channels: bool = Fals
         try:
             array = np.asanyarray(img.dataobj)
         except Exception as err:  # a truncated file fails only here  # noqa: BLE001
-            raise InputError(f"{path}: not a readable NIfTI image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") \
-                from None
+            raise _unreadable(path, err) from None
     elif path.is_dir() or path.name.lower().endswith(ITK_SUFFIXES) or path.suffix.lower() in (".dcm", ".ima"):
         array, affine, dtype = _read_itk(path, series)
         geometry = Geometry.from_affine(affine, _spatial_shape(array.shape, path, channels), dtype, str(path))
@@ -108,12 +112,26 @@ def _check_volume(array: np.ndarray, path: Path, channels: bool = False) -> np.n
 
 
 def read_geometry(path: str | Path) -> Geometry:
-    """Header-only geometry (fast): for pairing checks and planning without loading voxels."""
+    """Header-only geometry (fast): for pairing checks and planning without loading voxels. 3D only, so a 4D label
+    map is refused; image files that may hold channels go through `read_channel_geometry`."""
+    return _header_geometry(path, channels=False)[0]
+
+
+def read_channel_geometry(path: str | Path) -> tuple[Geometry, int]:
+    """Header-only grid of an image file and its channel count: 1 for a 3D volume, the length of the 4th axis for a 4D
+    file (MSD multi-modal: one volume per channel)."""
+    return _header_geometry(path, channels=True)
+
+
+def _header_geometry(path: str | Path, channels: bool) -> tuple[Geometry, int]:
+    """(geometry, channel count) from a NIfTI header alone; other formats are read once through the checked reader."""
     path = _check_exists(path)
     if not _is_nifti(path):
-        return _read_raw(path)[1]
+        array, geometry = _read_raw(path, channels=channels)
+        return geometry, (array.shape[3] if array.ndim == 4 else 1)
     img = _load_nifti(path)
-    return nifti_geometry(img, _spatial_shape(tuple(img.shape), path, False), str(path))
+    spatial = _spatial_shape(tuple(img.shape), path, channels)  # at most one non-trivial axis after the three
+    return nifti_geometry(img, spatial, str(path)), int(np.prod(img.shape[3:], dtype=np.int64))
 
 
 def read_image(path: str | Path, *, series: str | None = None) -> tuple[np.ndarray, Geometry]:
