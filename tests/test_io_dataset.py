@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from segment.errors import GeometryError, InputError
-from segment.io.dataset import Case, _modality, check_case, discover
+from segment.io.dataset import Case, check_case, discover
+from segment.io.dataset_json import declared_modality
 from segment.io.image import read_geometry, read_image, read_label
 
 SHAPE = (4, 5, 6)
@@ -73,10 +74,10 @@ def test_nnunet_v2_channels_and_json_forms(tmp_path: Path) -> None:
 
 
 def test_modality_names() -> None:
-    assert _modality({"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}) == ("mri", 4)
-    assert _modality({"channel_names": {"0": "CT"}}) == ("ct", 1)
-    assert _modality({"modality": {"0": "PET"}}) == ("pet", 1)
-    assert _modality({}) == ("unknown", None)
+    assert declared_modality({"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}) == ("mri", 4)
+    assert declared_modality({"channel_names": {"0": "CT"}}) == ("ct", 1)
+    assert declared_modality({"modality": {"0": "PET"}}) == ("pet", 1)
+    assert declared_modality({}) == ("unknown", None)
 
 
 def test_plain_folders_infer_classes(tmp_path: Path) -> None:

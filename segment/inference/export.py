@@ -20,17 +20,18 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from segment.config import Config
 from segment.data.labels import class_values
 from segment.data.plan import Plan
 from segment.errors import InputError
+from segment.inference.model_card import AXES, model_card
+from segment.inference.onnx_graph import (ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, ONNX_TOLERANCE, onnx_available,
+                                         onnx_difference, write_onnx)
 from segment.run_folder import RunFolder
 from segment.version import segment_version
 
@@ -38,11 +39,7 @@ FORMAT = "segment-model"
 FORMAT_VERSION = 1  # bump when a reader of the old version could not use a new package correctly
 MODEL_JSON, WEIGHTS, ONNX, CARD = "model.json", "model.safetensors", "model.onnx", "model_card.md"
 PACKAGE_FILES = (MODEL_JSON, WEIGHTS, ONNX, CARD)
-ONNX_OPSET = 17  # supported by torch 2.2+'s TorchScript exporter and by onnxruntime >= 1.13
-ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
-ONNX_TOLERANCE = 1e-3  # max |onnxruntime - torch| logits allowed at export, relative to max(1, max |logit|), fp32
 DEFAULT_INTENDED_USE = "research use; not a medical device"
-AXES = "canonical RAS voxel order: axis 0 left->right, 1 posterior->anterior, 2 inferior->superior"
 
 
 def is_package(path: str | Path) -> bool:
@@ -207,59 +204,6 @@ def _shareable(config: Config) -> dict[str, Any]:
     return raw
 
 
-def _metric(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def model_card(meta: dict[str, Any]) -> str:
-    """model_card.md from the manifest: data, spacing, classes, validation metrics, intended use, licence."""
-    config, plan, training = meta["config"], meta["plan"], meta.get("training") or {}
-    root = (config.get("data") or {}).get("root")
-    dataset = Path(root).name if root else "the embedded synthetic demo dataset"
-    split = training.get("split")
-    pre = meta["preprocessing"]
-    lines = [
-        f"# Model card: segment 3D U-Net ({', '.join(c['name'] for c in meta['labels'][1:]) or 'segmentation'})", "",
-        f"- **Intended use:** {meta['intended_use']}",
-        f"- **License:** {meta['license']}",
-        (f"- **Written by:** segment {meta['segment_version']} on {meta['created']} (package format "
-         f"{meta['format_version']})"), "",
-        "## Training data", "",
-        f"- **Dataset:** {dataset}",
-        f"- **Cases:** {plan.get('num_cases') or (split['train'] + split['val'] if split else 'unknown')}",
-        f"- **Split:** {split['train']} training / {split['val']} validation cases" if split else
-        "- **Split:** unknown (no split.json beside the checkpoint)",
-        f"- **Modality:** {plan.get('modality')}" + (f" ({plan['modality_source']})" if plan.get("modality_source") else ""),
-        f"- **Median shape (canonical voxels):** {plan.get('median_shape') or 'unknown'}", "",
-        "## Input", "",
-        f"- **Channels:** {plan['channels']}; spacing {pre['spacing_mm']} mm; {AXES}",
-    ]
-    for c in pre["channels"]:
-        detail = (f"clip to {c['clip']}, then (x - {c['mean']:.4g}) / {c['std']:.4g}" if c["normalisation"] == "ct"
-                  else "z-score over the volume")
-        lines.append(f"- **Channel {c['channel']}:** {c['normalisation']}: {detail}")
-    lines += [(f"- **Network window:** input {meta['input']['shape']}, output {meta['output']['shape']} (ONNX: "
-               f"`{meta['input']['name']}` -> `{meta['output']['name']}`)"), "",
-              "## Classes", "", "| class | label value | name |", "|---|---|---|"]
-    lines += [f"| {c['class']} | {c['value']} | {c['name']} |" for c in meta["labels"]]
-    lines += ["", "## Validation metrics", ""]
-    summary = training.get("summary")
-    if summary:
-        if summary.get("best_val_dice_mean") is not None:
-            lines.append(f"- **Best mean validation Dice:** {_metric(summary['best_val_dice_mean'])}")
-        for key, value in (summary.get("val_dice") or {}).items():
-            lines.append(f"- **{key}:** {_metric(value)}")
-        for key in ("steps", "seconds"):
-            if key in summary:
-                lines.append(f"- **Training {key}:** {summary[key]}")
-    else:
-        lines.append("None recorded (no summary.json in the run folder).")
-    lines += ["", "## Use", "", "```bash", "segment predict scan.nii.gz -m THIS_FOLDER", "```", "",
-              ("The label map is written in the scan's own geometry. Validate the model on your own data before any "
-               "use; the metrics above are from the training run's validation cases only."), ""]
-    return "\n".join(lines)
-
-
 # ---- writing ------------------------------------------------------------------------------------------------
 def check_target(target: str | Path, overwrite: bool) -> Path:
     """The package folder may be new, empty, or (with --overwrite) an earlier package and nothing else."""
@@ -276,40 +220,6 @@ def check_target(target: str | Path, overwrite: bool) -> Path:
                              f"{', ...' if len(foreign) > 5 else ''}); --overwrite replaces only a model package: choose "
                              "another --output")
     return target
-
-
-def onnx_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnx") is not None
-
-
-def write_onnx(model: nn.Module, path: Path, channels: int, size: list[int]) -> None:
-    """The network for a fixed (C, *size) input with a dynamic batch axis (TorchScript exporter, `dynamo=False`:
-    the torch.export-based one needs onnxscript besides onnx)."""
-    example = torch.zeros(1, channels, *size)
-    with warnings.catch_warnings():  # tracer/deprecation notes about the legacy exporter are not the user's business
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                          dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}})
-
-
-def onnx_difference(model: nn.Module, path: Path, channels: int, size: list[int], seed: int = 0) -> float | None:
-    """max |onnxruntime - torch| of the logits on a seeded random input, relative to max(1, max |torch logit|); None
-    without onnxruntime."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    x = torch.randn(1, channels, *size, generator=torch.Generator().manual_seed(seed))
-    with torch.inference_mode():
-        expected = model(x).float().numpy()
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0]
-    import numpy as np
-
-    return float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max())))
 
 
 def export_package(model: nn.Module, plan: Plan, config: Config, target: str | Path, *, source: Path | None = None,

@@ -9,7 +9,6 @@ every voxel before training is `segment.data.check.check_dataset`.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import warnings
@@ -17,11 +16,12 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from segment.errors import ConfigError, GeometryError, InputError, SegmentError
+from segment.io.dataset_json import channel_kinds, declared_labels, declared_modality, read_dataset_json
 from segment.io.image import (
     read_channel_geometry,
     read_geometry,
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 LABEL_SUFFIXES = ("_seg", "_labels", "_label", "_mask")
 _CHANNEL = re.compile(r"^(.+)_(\d{4})$")
-_MRI_WORDS = ("mri", "mr", "t1", "t2", "flair", "adc", "dwi", "pd", "swi", "dce", "bold", "hbv")
 
 
 @dataclass(frozen=True)
@@ -110,68 +109,6 @@ def _scan(folder: Path) -> tuple[dict[str, Path], list[str]]:
     return found, clashes
 
 
-def _read_meta(root: Path) -> dict[str, Any]:
-    path = root / "dataset.json"
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise InputError(f"{path}: expected a JSON object with 'labels' and 'modality'/'channel_names'")
-    return meta
-
-
-def _parse_labels(meta: dict[str, Any], root: Path) -> dict[int, str]:
-    """MSD form {"0": "background"} or nnU-Net v2 form {"background": 0} -> {0: "background"}."""
-    raw = meta.get("labels")
-    if not raw:
-        return {}
-    if not isinstance(raw, dict):
-        raise InputError(f"{root / 'dataset.json'}: 'labels' must be a mapping, got {type(raw).__name__}")
-    out: dict[int, str] = {}
-    for key, value in raw.items():
-        if str(key).strip().isdigit():
-            out[int(key)] = str(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            out[value] = str(key)
-        else:
-            raise InputError(f"{root / 'dataset.json'}: label {key!r}: {value!r} is not supported; expected "
-                             f'{{"0": "background"}} (MSD) or {{"background": 0}} (nnU-Net v2, no region lists)')
-    out.setdefault(0, "background")
-    return dict(sorted(out.items()))
-
-
-def _modality(meta: dict[str, Any]) -> tuple[str, int | None]:
-    """('ct' | 'mri' | other lower-case text | 'unknown', declared channel count or None)."""
-    raw = meta.get("modality") or meta.get("channel_names")
-    if not isinstance(raw, dict) or not raw:
-        return ("unknown" if not isinstance(raw, str) else _kind(raw)), None
-    names = [str(raw[k]) for k in sorted(raw, key=lambda k: int(k) if str(k).isdigit() else 0)]
-    kinds = {_kind(n) for n in names}
-    return (kinds.pop() if len(kinds) == 1 else _kind(names[0])), len(names)
-
-
-def _channel_kinds(meta: dict[str, Any]) -> list[str]:
-    """Kind of each declared channel, in channel order ([] when dataset.json declares none)."""
-    raw = meta.get("modality") or meta.get("channel_names")
-    if isinstance(raw, str):
-        return [_kind(raw)]
-    if not isinstance(raw, dict):
-        return []
-    return [_kind(str(raw[k])) for k in sorted(raw, key=lambda k: int(k) if str(k).isdigit() else 0)]
-
-
-def _kind(name: str) -> str:
-    text = name.strip().lower()
-    if text == "ct" or text.startswith("ct"):
-        return "ct"
-    if any(text.startswith(word) for word in _MRI_WORDS) or "mri" in text:
-        return "mri"
-    return text or "unknown"
-
-
 def _folders(root: Path) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
     """(image stems, label names, clashing stems) for whichever layout `root` uses."""
     for images, labels in (("imagesTr", "labelsTr"), ("images", "labels")):
@@ -210,8 +147,8 @@ def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error
         raise ConfigError(f"on_problem={on_problem!r}: expected 'error' or 'skip'")
     if not root.is_dir():
         raise InputError(f"{root}: dataset folder not found")
-    meta = _read_meta(root)
-    modality, declared = _modality(meta)
+    meta = read_dataset_json(root)
+    modality, declared = declared_modality(meta)
     images, label_files, clashes = _folders(root)
     grouped = _group(images, label_files)
     counts = Counter(len(c) for c in grouped.values())
@@ -227,7 +164,7 @@ def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error
         names = ", ".join(p.name for p in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
         warnings.warn(f"{root}: {len(unpaired)} files without a partner, left out: {names}", stacklevel=2)
     cases, problems = _pair(root, grouped, label_files, clashes, channels)
-    dataset = Dataset(root, cases, _parse_labels(meta, root), modality, channels, unpaired, {}, _channel_kinds(meta))
+    dataset = Dataset(root, cases, declared_labels(meta, root), modality, channels, unpaired, {}, channel_kinds(meta))
     _handle(problems, dataset, on_problem)
     if check:
         _check_all(dataset, on_problem)
