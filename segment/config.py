@@ -149,6 +149,9 @@ class ModelConfig(_Strict):
     act: Literal["leakyrelu", "relu"] = Field("leakyrelu", description="activation")
     preactivation: bool = Field(False, description="pre-activation residual blocks (norm-act-conv)")
     zero_init_residual: bool = Field(True, description="zero the last norm scale in each residual branch")
+    shortcut: Literal["conv", "avgpool"] = Field(
+        "conv", description="residual projection where the resolution changes: strided 1x1 conv, or avgpool + 1x1 conv (ResNet-D)",
+    )
     upsample: Literal["transpose", "interpolate"] = Field("transpose", description="decoder upsampling")
     deep_supervision: bool = Field(False, description="use auxiliary heads at lower decoder levels in the loss")
     strides: list[list[int]] | None = Field(

@@ -10,7 +10,7 @@ from torch import nn
 
 from segment.config import ModelConfig
 from segment.nets import ResidualBlock, build_model, center_crop, receptive_field, summary_text, summarize
-from segment.nets.blocks import init_weights
+from segment.nets.blocks import init_weights, make_act, make_norm
 
 
 def model_of(**kw: object) -> nn.Module:
@@ -73,6 +73,22 @@ def test_kaiming_init_scale() -> None:
     conv = model_of().encoder.stages[1][0].branch[3]  # 8 -> 8 channels, 3x3: fan_in 72
     expect = (2 / (1 + 0.01**2) / 72) ** 0.5
     assert abs(conv.weight.std().item() - expect) / expect < 0.1
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_monai_factories_build_the_plain_torch_layers(dims: int) -> None:
+    """Checkpoint keys and numerics rest on these exact modules: affine norms (instance: no running stats), LeakyReLU(0.01)."""
+    inst, batch = make_norm("instance", dims, 5), make_norm("batch", dims, 5)
+    assert type(inst) is getattr(nn, f"InstanceNorm{dims}d") and inst.affine and not inst.track_running_stats
+    assert type(batch) is getattr(nn, f"BatchNorm{dims}d") and batch.affine and batch.track_running_stats
+    assert list(inst.state_dict()) == ["weight", "bias"] and inst.weight.shape == (5,)
+    assert list(batch.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert inst.eps == batch.eps == 1e-5 and batch.momentum == 0.1
+    leaky, relu = make_act("leakyrelu"), make_act("relu")
+    assert type(leaky) is nn.LeakyReLU and leaky.negative_slope == 0.01 and not leaky.inplace
+    assert type(relu) is nn.ReLU and not relu.inplace
+    x = torch.tensor([-2.0, 3.0])
+    assert torch.equal(leaky(x), torch.tensor([-0.02, 3.0])) and torch.equal(relu(x), torch.tensor([0.0, 3.0]))
 
 
 # ---- skip wiring ----------------------------------------------------------------------------------------------

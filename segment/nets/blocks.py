@@ -5,7 +5,10 @@ Conventions used throughout `segment.nets`:
   per axis). Convolutions followed by a norm carry no bias (the norm's shift makes it redundant).
 - Kernels and strides may differ per axis (anisotropic plans: a 3x3x1 kernel and a 2x2x1 stride leave a coarse axis
   alone); a kernel-1 axis is never padded and never shrinks. An int means the same value on every axis.
-- Layer classes come from MONAI's factories, so 2D and 3D share one code path.
+- Layers come from MONAI's factories (`get_norm_layer`, `get_act_layer`, `Conv`, `Pool`), so 2D and 3D share one code
+  path. Our config names ("instance", "batch", "leakyrelu", "relu") are MONAI's factory names, and the factories build
+  the plain torch modules (`nn.InstanceNorm3d(c, affine=True)`, `nn.LeakyReLU(0.01)`, ...), so state_dict keys are
+  the same as with hand-picked torch classes.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from monai.networks.layers.factories import Act, Conv, Norm
+from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import Tensor, nn
 
 Padding = Literal["same", "valid"]
+Shortcut = Literal["conv", "avgpool"]
 NEG_SLOPE = 0.01  # LeakyReLU slope; also the `a` of the Kaiming init
 
 
@@ -37,15 +42,13 @@ def center_crop(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def make_norm(kind: str, dims: int, channels: int) -> nn.Module:
-    """Instance or batch norm, always affine so the scale can be zero-initialised."""
-    if kind == "instance":
-        return Norm[Norm.INSTANCE, dims](channels, affine=True)
-    return Norm[Norm.BATCH, dims](channels, affine=True)
+    """Instance or batch norm (`kind` is MONAI's factory name), always affine so the scale can be zero-initialised."""
+    return get_norm_layer((kind, {"affine": True}), spatial_dims=dims, channels=channels)
 
 
 def make_act(kind: str) -> nn.Module:
     """LeakyReLU(0.01) or ReLU; never in-place, because residual blocks reuse their input after the branch."""
-    return Act[Act.LEAKYRELU](negative_slope=NEG_SLOPE) if kind == "leakyrelu" else Act[Act.RELU]()
+    return get_act_layer(("leakyrelu", {"negative_slope": NEG_SLOPE}) if kind == "leakyrelu" else kind)
 
 
 def per_axis(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
@@ -64,6 +67,22 @@ def make_conv(dims: int, cin: int, cout: int, kernel: int | Sequence[int], strid
     return Conv[Conv.CONV, dims](cin, cout, kernel_size=k, stride=st, padding=pad, bias=bias)
 
 
+def make_shortcut(dims: int, cin: int, cout: int, stride: Sequence[int], norm: str, kind: Shortcut = "conv") -> nn.Module:
+    """The projection shortcut of a block that changes channels or resolution: a 1x1 conv + norm.
+
+    `conv`: the 1x1 conv carries the block's stride (keys `0.weight`, `1.*`), so it reads one voxel of every
+    stride-sized block. `avgpool` (ResNet-D): average pooling with kernel = stride first, then a stride-1 1x1 conv
+    (keys `1.weight`, `2.*`), so every input voxel reaches the output. The pool uses `ceil_mode`, so a size that is not a
+    multiple of the stride gives `ceil(n / s)` outputs like the strided conv, the last one averaging the voxels left
+    (PyTorch divides by the voxels inside the input when the window hangs over its end); a stride-1 axis has a
+    pooling kernel of 1. Both variants give the same modules when the stride is 1 on every axis.
+    """
+    if kind == "avgpool" and any(s != 1 for s in stride):
+        pool = Pool[Pool.AVG, dims](kernel_size=tuple(stride), stride=tuple(stride), ceil_mode=True)
+        return nn.Sequential(pool, make_conv(dims, cin, cout, 1, 1, "valid"), make_norm(norm, dims, cout))
+    return nn.Sequential(make_conv(dims, cin, cout, 1, stride, "valid"), make_norm(norm, dims, cout))
+
+
 class ConvNormAct(nn.Sequential):
     """3x3 conv (or the given per-axis kernel) -> norm -> act: one decoder "block"."""
 
@@ -77,10 +96,13 @@ class ResidualBlock(nn.Module):
 
     Post-activation (default): `out = act(F(x) + shortcut(x))` with `F = conv-norm-act-conv-norm`.
     Pre-activation (He et al. 2016): `out = F(x) + shortcut(x)` with `F = norm-act-conv-norm-act-conv`.
-    The shortcut is the identity, or a 1x1 conv (with the block's stride) + norm when channels or stride change.
+    The shortcut is the identity, or a projection (`make_shortcut`: a strided 1x1 conv + norm, or with
+    `shortcut="avgpool"` average pooling + 1x1 conv + norm) when channels or stride change.
     In `valid` mode the branch shrinks the map, so the shortcut takes the centre of `x`: it is cropped by one voxel
-    per side (kernel // 2 per axis) before a strided projection (its samples then sit exactly on the strided conv's
-    centres), and centre-cropped to the branch's output afterwards. `kernel` and `stride` may differ per axis.
+    per side (kernel // 2 per axis) before the projection (a strided conv's samples then sit exactly on the strided
+    3x3 conv's centres; a pooling block starts there), and centre-cropped to the branch's output afterwards. In both
+    modes a pooling block of an even stride is centred half a voxel after the 3x3 conv's centre, as in ResNet-D.
+    `kernel` and `stride` may differ per axis.
 
     `zero_init` zeroes the scale of the branch's last norm, so at initialisation `F(x) == 0` (pre-activation:
     every conv is bias-free, so the zeroed norm gives act(0) = 0 and conv(0) = 0). Hence at init a block with an
@@ -93,7 +115,8 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, dims: int, cin: int, cout: int, *, stride: int | Sequence[int] = 1, padding: Padding = "same",
                  norm: str = "instance", act: str = "leakyrelu", preactivation: bool = False,
-                 zero_init: bool = True, residual: bool = True, kernel: int | Sequence[int] = 3) -> None:
+                 zero_init: bool = True, residual: bool = True, kernel: int | Sequence[int] = 3,
+                 shortcut: Shortcut = "conv") -> None:
         super().__init__()
         self.padding, self.preactivation, self.residual = padding, preactivation, residual
         self.kernel, stride = per_axis(kernel, dims), per_axis(stride, dims)
@@ -108,7 +131,7 @@ class ResidualBlock(nn.Module):
         self.branch = nn.Sequential(*layers)
         self.shortcut: nn.Module = nn.Identity()
         if residual and (cin != cout or any(s != 1 for s in stride)):
-            self.shortcut = nn.Sequential(make_conv(dims, cin, cout, 1, stride, "valid"), make_norm(norm, dims, cout))
+            self.shortcut = make_shortcut(dims, cin, cout, stride, norm, shortcut)
         self.act = nn.Identity() if preactivation else make_act(act)
         self.zero_init = zero_init
 

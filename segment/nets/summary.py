@@ -89,6 +89,7 @@ def summary_rows(model: UNet, input_size: Sequence[int] | None = None) -> list[t
     diff = total - _params_with_all_skips(model)
     rows = _stage_rows(model)
     rows.append(("total parameters", f"{total:,}"))
+    rows.append(("downsampling shortcut", {"conv": "strided 1x1 conv", "avgpool": "avgpool + 1x1 conv"}[model.cfg.shortcut]))
     rows += _geometry_rows(model, input_size)
     rows.append(("kept skips (level 0 = highest resolution)", str(kept) if kept else "none"))
     rows.append(("parameters vs all skips", f"{diff:+,}"))

@@ -51,7 +51,8 @@ class Encoder(nn.Module):
             blocks = [
                 ResidualBlock(cfg.spatial_dims, cin if b == 0 else cout, cout, stride=strides[s] if b == 0 else 1,
                               padding=cfg.padding, norm=cfg.norm, act=cfg.act, preactivation=cfg.preactivation,
-                              zero_init=cfg.zero_init_residual, residual=residual, kernel=kernels[s])
+                              zero_init=cfg.zero_init_residual, residual=residual, kernel=kernels[s],
+                              shortcut=cfg.shortcut)
                 for b in range(n_blocks)
             ]
             stages.append(nn.Sequential(*blocks))
