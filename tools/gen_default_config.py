@@ -36,7 +36,7 @@ def _lines(model: BaseModel, indent: int = 0) -> list[str]:
 def render() -> str:
     head = [
         "# segment: default configuration. Every field, with its default and meaning.",
-        "# Generated from segment/config.py by tools/gen_default_config.py; edit the schema, then regenerate.",
+        "# Generated from segment/config/schema.py by tools/gen_default_config.py; edit the schema, then regenerate.",
         "# Override any field on the command line: segment train --set train.max_epochs=5 --set model.skip_connections=none",
         "",
     ]
