@@ -98,6 +98,9 @@ def train(
     modality: Annotated[Optional[str], typer.Option(help="ct, mri or other: overrides dataset.json and CT detection (data.modality)")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="train on the cases that pass the pre-training check; list "
                                                               "the others with the reason in skipped.json (data.skip_bad)")] = False,
+    folds: Annotated[Optional[int], typer.Option(help="train K models on disjoint validation folds into RUN/fold_0.. and "
+                                                      "write a cross-validation table; --max-time is the total, split "
+                                                      "evenly; predict -m RUN averages the folds")] = None,
 ) -> None:
     """Train a U-Net. With no arguments, trains on the embedded demo dataset (generated on first use)."""
     if resume and output is None:
@@ -120,6 +123,21 @@ def train(
             cfg = _config(CONFIG_DIR / "demo.yaml", set_, flags)
     from segment.config import parse_overrides
     from segment.train.runner import train as run_train
+
+    from segment.run_folder import RunFolder
+
+    if resume and folds is None and output is not None and RunFolder(output).is_ensemble():
+        raise SegmentError(f"{output}: is a k-fold run; resume it with --folds "
+                           f"{RunFolder(output).read_ensemble()['folds']} --resume -o {output}")
+    if folds is not None:
+        if split is not None or fold is not None:
+            raise SegmentError(f"--folds {folds} makes its own k-fold splits; leave out {'--split' if split else '--fold'}")
+        from segment.experiments.crossval import run_folds
+        from segment.train.folds import check_folds
+
+        check_folds(folds, folds)  # K < 2 is one line before any data is read; K > cases once the data is known
+        run_folds(cfg, folds, output=output, resume=resume)
+        return
 
     from segment.run_folder import read_split_file
 
@@ -183,14 +201,24 @@ def ablate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="report folder (default runs/ablation-<time>)")] = None,
-    budget: Annotated[Optional[str], typer.Option(help="training time per variant, e.g. 20m (default: 25m)")] = None,
-    variants: Annotated[str, typer.Option(help="comma-separated skip settings, e.g. 'all,none' or 'all,none,[0]'")] = "all,none",
+    budget: Annotated[Optional[str], typer.Option(help="training time per variant and seed, e.g. 20m (default: 25m)")] = None,
+    variants: Annotated[str, typer.Option(help="comma-separated skip settings (level 0 = finest, full resolution): "
+                                                "all, none, only:1 (keep just level 1), drop:1 (all but level 1), "
+                                                "only:0+2 (several levels), or levels = all, each level dropped alone, "
+                                                "each kept alone, none; e.g. all,none,only:0")] = "all,none",
+    seeds: Annotated[Optional[str], typer.Option(help="training seeds, e.g. 0,1: every variant is trained once per "
+                                                      "seed and the report shows seed noise beside each effect "
+                                                      "(default: the config's seed)")] = None,
 ) -> None:
-    """Train models that differ only in their skip connections and report what that does to boundaries."""
+    """Train models that differ only in their skip connections and report what that does to boundaries.
+
+    Per-level study: segment ablate --data DIR --variants levels --seeds 0,1 --budget 3m
+    (variants x seeds runs of --budget each).
+    """
     from segment.experiments.ablate import run_ablation
 
     cfg = _config(config, set_, {"data.root": data})
-    run_ablation(cfg, output=output, budget=budget, variants=variants)
+    run_ablation(cfg, output=output, budget=budget, variants=variants, seeds=seeds)
 
 
 @app.command()

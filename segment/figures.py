@@ -97,6 +97,73 @@ def plot_contours(image: np.ndarray, ref: np.ndarray, preds: dict[str, np.ndarra
     return _save(fig, out)
 
 
+def worst_boundary_error(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> tuple[tuple[int, ...], float]:
+    """The voxel where the prediction is furthest from the reference surface, and that distance in mm.
+
+    Among the voxels whose label differs (`pred != ref`), the one furthest (`distance_transform_edt` with
+    `sampling=spacing`) from the reference boundary: a false positive far outside or a miss deep inside. With an
+    empty reference, distances are to the prediction's boundary; with no disagreement, the centre of the reference
+    (or of the volume) and 0.
+    """
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if pred.shape != ref.shape or len(spacing) != ref.ndim:
+        raise GeometryError(f"worst_boundary_error: shapes {pred.shape}/{ref.shape} and spacing {tuple(spacing)} "
+                            "must match")
+    wrong = pred != ref
+    anchor = ref > 0 if (ref > 0).any() else pred > 0
+    if not wrong.any() or not anchor.any():
+        fg = np.argwhere(anchor)
+        centre = fg.mean(axis=0).round().astype(int) if fg.size else np.array(ref.shape) // 2
+        return tuple(int(v) for v in centre), 0.0
+    sp = np.asarray(spacing, dtype=float)
+    dist = np.maximum(distance_transform_edt(~anchor, sampling=sp), distance_transform_edt(anchor, sampling=sp))
+    idx = np.argwhere(wrong)
+    k = int(np.argmax(dist[tuple(idx.T)]))
+    return tuple(int(v) for v in idx[k]), float(dist[tuple(idx[k])])
+
+
+def plot_case_panels(panels: Sequence[dict[str, Any]], out: Path, *, title: str = "") -> Path:
+    """One axial slice per panel with reference (yellow) and prediction contours, a cross at `point`.
+
+    Each panel: "image", "ref", "pred" (3D arrays on one grid), "point" (voxel index; its last coordinate is the
+    slice), "title", and optional "spacing" (sets the in-plane aspect). Zoomed to the structures on that slice.
+    """
+    if not panels:
+        raise InputError("plot_case_panels: no panels to draw")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        image, ref, pred = (np.asarray(panel[k]) for k in ("image", "ref", "pred"))
+        if not image.shape == ref.shape == pred.shape:
+            raise GeometryError(f"plot_case_panels: image {image.shape}, reference {ref.shape} and prediction "
+                                f"{pred.shape} must share one grid")
+        point = [int(v) for v in panel["point"]]
+        z = point[2]
+        masks = [ref[..., z:z + 1] > 0, pred[..., z:z + 1] > 0]
+        box = _zoom_box(masks, image.shape)
+        box = tuple(slice(min(b.start, p), max(b.stop, p + 1)) for b, p in zip(box, point[:2]))
+        spacing = panel.get("spacing")
+        aspect = float(spacing[1]) / float(spacing[0]) if spacing is not None else 1.0
+        crop = image[box][:, :, z]
+        vmin, vmax = np.percentile(crop, [1, 99]) if crop.size else (0.0, 1.0)
+        ax.imshow(crop.T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspect)
+        labels = [int(v) for v in np.unique(np.concatenate([np.unique(ref), np.unique(pred)])) if v]
+        for lab_map, colour, width in ((ref, REF_COLOUR, 3.0), (pred, PRED_COLOURS[0], 1.2)):
+            for lab in labels:
+                m = (lab_map[box][:, :, z] == lab).T.astype(float)
+                if m.any() and not m.all():
+                    ax.contour(m, levels=[0.5], colors=colour, linewidths=width)
+        ax.plot(point[0] - box[0].start, point[1] - box[1].start, "x", color="white", ms=9, mew=2)
+        ax.set_title(str(panel.get("title", f"slice {z}")), fontsize=8)
+        ax.set_axis_off()
+    handles = [Line2D([], [], color=REF_COLOUR, lw=3, label="reference"),
+               Line2D([], [], color=PRED_COLOURS[0], lw=1.2, label="prediction"),
+               Line2D([], [], color="white", marker="x", lw=0, mec="black", label="worst boundary error")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.93))
+    return _save(fig, out)
+
+
 def boundary_error_profile(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], max_mm: float = 10.0,
                            bins: int | Sequence[float] | None = None, signed: bool = True) -> dict[str, Any]:
     """Error rate (FP + FN voxels / voxels) against distance from the reference surface, in mm.

@@ -12,6 +12,17 @@ another site sends is data, not a program.
       checkpoints/best.ckpt, checkpoints/last.ckpt
       logs/              Lightning CSV logs (logs/resumeN/ for each resumed part), tensorboard/
       metrics.csv, curves.png, summary.json
+      scan_profile.json  raw intensity percentiles, spacing and extent of the training scans (out-of-distribution check)
+      confidence.json    the "check this case" threshold chosen on the validation cases (k-fold runs)
+
+    A k-fold run (`segment train --folds K`) is a folder of K normal run folders plus what they share:
+
+    RUN/
+      ensemble.json      marks the run as an ensemble: {"folds": K, "members": ["fold_0", ...]}
+      plan.json, config.yaml, fingerprint.json, scan_profile.json, confidence.json
+      fold_0/ ... fold_K-1/   one run folder each (same plan, disjoint validation cases)
+      cv.csv             cross-validation table: Dice, HD95, NSD per fold and their mean
+      cv_cases.csv       the validation cases' scores behind it (Dice, HD95, NSD, confidence)
 """
 
 from __future__ import annotations
@@ -54,6 +65,9 @@ class RunFolder:
     SUMMARY, METRICS, CURVES, SKIPPED = "summary.json", "metrics.csv", "curves.png", "skipped.json"
     CHECKPOINTS, LOGS, TENSORBOARD = "checkpoints", "logs", "tensorboard"
     BEST, LAST = "best", "last"  # checkpoint stems, as Lightning's ModelCheckpoint wants them
+    ENSEMBLE, CV_TABLE, CV_CASES = "ensemble.json", "cv.csv", "cv_cases.csv"
+    PROFILE, CONFIDENCE = "scan_profile.json", "confidence.json"
+    FOLD_PREFIX = "fold_"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -92,6 +106,50 @@ class RunFolder:
 
     def can_resume(self) -> bool:
         return self.last_checkpoint.is_file() and (self.path / self.CONFIG).is_file() and (self.path / self.PLAN).is_file()
+
+    # ---- k-fold ensembles -------------------------------------------------------------------------------------
+    def fold(self, index: int) -> RunFolder:
+        """The run folder of fold `index` inside a k-fold run."""
+        return RunFolder(self.path / f"{self.FOLD_PREFIX}{int(index)}")
+
+    def is_ensemble(self) -> bool:
+        return (self.path / self.ENSEMBLE).is_file()
+
+    def read_ensemble(self) -> dict[str, Any]:
+        """ensemble.json, checked: {"folds": K, "members": [folder names inside this run]}."""
+        path = self.path / self.ENSEMBLE
+        try:
+            data = json.loads(path.read_text())
+            members = [str(m) for m in data["members"]]
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise InputError(f"{path}: not a readable ensemble marker ({type(err).__name__}: {err})") from None
+        if not members or any("/" in m or "\\" in m or m in ("", ".", "..") for m in members):
+            raise InputError(f"{path}: 'members' must name the fold folders inside {self.path}")
+        return {**data, "members": members}
+
+    def write_ensemble(self, folds: int, members: list[str], **extra: Any) -> Path:
+        return atomic_write_text(self.path / self.ENSEMBLE, json.dumps({"folds": folds, "members": members, **extra},
+                                                                        indent=1))
+
+    def member_checkpoints(self) -> list[Path]:
+        """Each member's best checkpoint (else last); one line naming the first member without any."""
+        found = []
+        for name in self.read_ensemble()["members"]:
+            ckpts = RunFolder(self.path / name).checkpoints()
+            if not ckpts:
+                raise InputError(f"{self.path / name}: fold of the ensemble {self.path} has no checkpoint (unfinished? "
+                                 f"continue it with segment train --folds ... --resume -o {self.path})")
+            found.append(ckpts[0])
+        return found
+
+    def read_optional_json(self, name: str) -> dict[str, Any] | None:
+        """A small JSON file of the run (scan_profile.json, confidence.json), or None when absent or unreadable."""
+        path = self.path / name
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     # ---- creation -------------------------------------------------------------------------------------------
     def create(self, *, resume: bool, writer: bool = True) -> RunFolder:
@@ -171,9 +229,11 @@ class RunFolder:
 
 def resolve_checkpoint(model: str | Path | None, runs: Path = DEFAULT_RUNS) -> Path:
     """A .ckpt file, a run folder (best.ckpt, else last.ckpt), a model package folder (returned as it is: it holds
-    model.json, see `segment.inference.export`) or, with None, the newest run under `runs/`."""
+    model.json, see `segment.inference.export`), a k-fold ensemble run (returned as it is: it holds ensemble.json) or,
+    with None, the newest run under `runs/`."""
     if model is None:
         found = [c for run in runs.glob("*") for c in RunFolder(run).checkpoints()[:1]] if runs.is_dir() else []
+        found += [run for run in runs.glob("*") if RunFolder(run).is_ensemble()] if runs.is_dir() else []
         if not found:
             raise InputError("no trained model found; run `segment train` or pass --model")
         return max(found, key=lambda c: c.stat().st_mtime)
@@ -182,6 +242,8 @@ def resolve_checkpoint(model: str | Path | None, runs: Path = DEFAULT_RUNS) -> P
         return path
     if path.is_dir():
         if (path / "model.json").is_file():  # a model package (segment.inference.export.MODEL_JSON)
+            return path
+        if RunFolder(path).is_ensemble():  # a k-fold run: the predictor loads every member
             return path
         found = RunFolder(path).checkpoints()
         if found:

@@ -124,7 +124,8 @@ def test_the_key_follows_the_preprocessing_and_the_sources(setup, tmp_path: Path
 
 def test_a_truncated_or_half_written_entry_is_rebuilt(setup, tmp_path: Path, calls: list[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from segment.data.cache import IMAGE, LABEL, DiskCache, LoadCachedd
+    from segment.data.cache import IMAGE, LABEL, DiskCache
+    from segment.data.cache_reads import LoadCachedd
 
     dataset, plan, _ = setup
     case = dataset.cases[1]
@@ -185,3 +186,16 @@ def test_auto_keeps_the_cases_in_ram_only_when_they_fit(setup, tiny_data: Path, 
     # older configs said true/false
     assert _cfg(tiny_data, "data.cache=true").data.cache == "ram"
     assert _cfg(tiny_data, "data.cache=false").data.cache == "none"
+
+
+def test_ram_estimate_counts_the_mirrored_border_of_valid_padding() -> None:
+    from segment.data.cache import estimate_ram_bytes
+    from segment.data.plan import Plan
+
+    same = Plan(spacing=[1.0] * 3, patch_size=[40, 56, 40], batch_size=2, features=[4, 8], modality="mri",
+                channels=1, labels={0: "background", 1: "x"}, median_shape=[35, 50, 36])
+    # same padding: max(median, patch) per axis; 20 bytes per training voxel (image, label, indices), 12 per val voxel
+    assert estimate_ram_bytes(same, 10, 2) == 40 * 56 * 40 * (10 * 20 + 2 * 12)
+    valid = dataclasses.replace(same, patch_size=[71, 79, 79], output_size=[18, 26, 26])  # margin 53
+    # valid padding: training cases grow by the margin (35 + 53 = 88, ...), validation cases are kept unpadded
+    assert estimate_ram_bytes(valid, 10, 2) == 88 * 103 * 89 * 10 * 20 + 71 * 79 * 79 * 2 * 12

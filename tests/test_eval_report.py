@@ -204,3 +204,28 @@ def test_report_counts_missing_distances_and_rejects_empty_variants(tmp_path):
     assert re.search(r"\| noskip − skip \| all \| HD95 \|[^\n]*\| 11 \| 1 \|", text)
     with pytest.raises(InputError, match="every variant needs evaluation rows"):
         write_report(tmp_path / "x", variants={"skip": _variant(0, 0.8, 1), "noskip": []}, meta={}, figures={})
+
+
+def test_report_with_seeds_shows_seed_noise_and_names_the_level(tmp_path):
+    from segment.evaluation.seed_noise import average_seeds
+
+    seed_rows = {"skips-all": {0: _variant(0.0, 0.85, 1), 1: _variant(0.1, 0.85, 2)},
+                 "skips-1": {0: _variant(2.0, 0.80, 3), 1: _variant(2.1, 0.80, 4)},  # level 0 dropped: +2 mm
+                 "skips-0": {0: _variant(0.0, 0.85, 5), 1: _variant(0.1, 0.85, 6)}}
+    info = {"skips-all": {"kept": [0, 1], "description": "all levels", "dropped_alone": None},
+            "skips-1": {"kept": [1], "description": "all but level 0", "dropped_alone": 0},
+            "skips-0": {"kept": [0], "description": "all but level 1", "dropped_alone": 1}}
+    variants = {n: average_seeds(s) for n, s in seed_rows.items()}
+    md = write_report(tmp_path / "s", variants=variants, meta=META, figures={}, bootstrap=300, seed_rows=seed_rows,
+                      variant_info=info)
+    text = md.read_text()
+    seed_hd = re.search(r"\| skips-all: seed 1 − seed 0 \| HD95 \| ([+-][\d.]+) mm \|", text)
+    a0, a1 = (per_case_values(seed_rows["skips-all"][s], "hd95") for s in (0, 1))
+    assert seed_hd and float(seed_hd.group(1)) == pytest.approx(np.mean([a1[c] - a0[c] for c in a0]), abs=0.006)
+    level = text.split("## Which skip level carries boundary quality", 1)[1].split("##", 1)[0]
+    assert "Level 0 (finest, full resolution) carries boundary quality" in level and "beyond seed noise" in level
+    assert "| skips-1 − skips-all | HD95 |" in text and "| yes |" in text
+    assert "| skips-0 − skips-all | HD95 |" in text
+    effect_rows = [line for line in text.splitlines() if line.startswith("| skips-0 − skips-all | HD95 |")]
+    assert effect_rows[-1].endswith("| no |")  # level 1 changes nothing beyond seed noise
+    assert "averaged over its 2 training seeds" in text

@@ -178,3 +178,17 @@ def test_plan_of_tiny_files(tiny_ct: Dataset) -> None:
     assert plan.batch_size == 16  # 448,000 // 144, capped at 16
     assert plan.ct_clip == pytest.approx([10.25, 59.75]) and plan.ct_mean == pytest.approx(35.0)
     assert plan.num_cases == 3 and plan.labels == {0: "background", 1: "organ"}
+
+
+def test_budgets_and_output_size_round_trip() -> None:
+    from segment.data.plan import Plan, patch_budget, step_voxels
+
+    assert (patch_budget("cpu"), patch_budget("cuda")) == (CPU_BUDGET, CUDA_BUDGET)
+    assert (step_voxels("cpu"), step_voxels("cuda")) == (448_000, 2 * 128**3)
+    plan = Plan(spacing=[1.0] * 3, patch_size=[71, 79, 79], batch_size=1, features=[16, 32, 64, 128], modality="mri",
+                channels=1, labels={0: "background", 1: "a"}, output_size=[18, 26, 26])
+    again = Plan.from_dict(plan.to_dict())
+    assert again.output_size == [18, 26, 26] and again.output_margins() == [53, 53, 53]
+    old = plan.to_dict()
+    del old["output_size"]  # plans written before valid-mode planning: same padding
+    assert Plan.from_dict(old).output_margins() is None

@@ -334,10 +334,11 @@ def test_out_of_memory_on_one_case_is_one_line(tmp_path: Path, monkeypatch: pyte
         nib.save(nib.Nifti1Image(_ball(), np.eye(4)), tmp_path / f"{name}.nii.gz")
     real = Predictor.predict_labels
 
-    def flaky(self: Predictor, channels: list, geometry: object, keep_probabilities: bool = False):  # noqa: ANN202
+    def flaky(self: Predictor, channels: list, geometry: object, keep_probabilities: bool = False,  # noqa: ANN202
+              **kwargs: object):
         if str(getattr(geometry, "source", "")).endswith("a.nii.gz"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, channels, geometry, keep_probabilities)
+        return real(self, channels, geometry, keep_probabilities, **kwargs)
 
     monkeypatch.setattr(Predictor, "predict_labels", flaky)
     result = runner.invoke(app, ["predict", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "-m", str(ckpt)])

@@ -51,7 +51,7 @@ def test_a_loader_worker_draws_the_same_data_as_the_main_process(tiny_data: Path
 
 
 def test_seeded_sampler_is_a_function_of_seed_and_epoch() -> None:
-    from segment.data.pipeline import DrawWithReplacement
+    from segment.data.sampling import DrawWithReplacement
 
     s = DrawWithReplacement(3, 20, seed=4)
     s.set_epoch(0)
@@ -72,7 +72,8 @@ def test_seeded_sampler_is_a_function_of_seed_and_epoch() -> None:
 def test_augmentation_follows_the_draw_seed_not_the_process(tiny_data: Path) -> None:
     from monai.data import Dataset as MonaiDataset
 
-    from segment.data.pipeline import SeededDraws, train_transforms
+    from segment.data.pipeline import train_transforms
+    from segment.data.sampling import SeededDraws
     from segment.data.plan import make_plan
     from segment.io.dataset import discover
 

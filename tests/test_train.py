@@ -102,7 +102,7 @@ def test_training_sampler_draws_steps_per_epoch_batches_and_is_sharded_not_repla
     from pytorch_lightning.trainer.connectors.data_connector import _get_distributed_sampler
     from torch.utils.data import DataLoader
 
-    from segment.data.pipeline import DrawWithReplacement
+    from segment.data.sampling import DrawWithReplacement
 
     sampler = DrawWithReplacement(3, 40)
     torch.manual_seed(0)

@@ -66,7 +66,7 @@ def test_budget_takes_a_monitor_subset_then_rotates_or_skips(monkeypatch: pytest
 
 
 def test_val_order_keeps_the_monitor_subset_first_and_rotates_the_rest() -> None:
-    from segment.data.pipeline import ValOrder
+    from segment.data.sampling import ValOrder
 
     order = ValOrder(8, seed=3)
     first = order.order()

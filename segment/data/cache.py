@@ -5,8 +5,8 @@ Layout: `<cache_dir>/<plan key>/<case name>-<paths key>/` holds
 - `image.npy`: the preprocessed (C, *spatial) float32 volume, exactly what `load_case` returns;
 - `label.npy`: the (1, *spatial) class-index map, as uint8 (int16 beyond 255 classes);
 - `meta.json`, written last: shape, dtypes, the byte size of both arrays, the foreground voxel count of every slice
-  along the first spatial axis (what the foreground-oversampled crop needs, see `CachedPosNegCropd`) and the size and
-  modification time of every source file.
+  along the first spatial axis (what the foreground-oversampled crop needs, see
+  `segment.data.cache_reads.CachedPosNegCropd`) and the size and modification time of every source file.
 
 The plan key is a hash of every plan field that changes what preprocessing produces (spacing, modality, CT window and
 statistics, channels and their modalities, labels and label values; any field this module does not know to be
@@ -16,8 +16,10 @@ whose files are missing, truncated or unreadable, is rebuilt. An entry is writte
 into place (atomic on POSIX), so a killed run never leaves a half-written case that looks complete. Any folder here
 may be deleted at any time; it is rebuilt when needed.
 
-Training reads `np.load(mmap_mode="r")` views and copies only the patch region (and, to choose a crop centre, one
-slice of the label), so the pages a step touches are about one patch per draw, whatever the number of cases.
+The stored volumes are unpadded in both padding modes (valid padding's mirrored border is cut virtually, see
+`segment.data.cache_reads`), so the key need not name the padding. Training reads `np.load(mmap_mode="r")` views and
+copies only the patch region (and, to choose a crop centre, one slice of the label), so the pages a step touches are
+about one patch per draw, whatever the number of cases.
 """
 
 from __future__ import annotations
@@ -35,9 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from monai import transforms as mt
-from monai.transforms.utils import correct_crop_centers
 
 from segment.data import preprocess
 from segment.data.plan import Plan
@@ -47,7 +46,7 @@ from segment.version import segment_version
 CACHE_FORMAT = 1
 # Plan fields that shape the network or the sampling but not the preprocessed voxels; every other field is in the key.
 NOT_PREPROCESSING = frozenset({"patch_size", "batch_size", "features", "median_shape", "num_cases", "mirror_axes",
-                               "strides", "kernels", "modality_source"})
+                               "strides", "kernels", "modality_source", "output_size"})
 IMAGE, LABEL, META = "image.npy", "label.npy", "meta.json"
 STALE_TMP_S = 24 * 3600  # temporary folders of another host (or of a live process) are left alone this long
 
@@ -261,7 +260,8 @@ class DiskCache:
 
 def estimate_ram_bytes(plan: Plan, n_train: int, n_val: int, cases: Iterable[Case] = ()) -> int:
     """Bytes the RAM cache (MONAI CacheDataset) would hold: per training case the float32 image, the int64 label and
-    the int64 foreground/background voxel indices of the padded volume; per validation case image and label."""
+    the int64 foreground/background voxel indices of the padded volume (with valid padding grown by the network's
+    margin, `segment.data.mirror.MirrorPadd`); per validation case image and label, unpadded."""
     shape = list(plan.median_shape or [])
     if not shape:  # plans written before median_shape: read the headers
         from segment.io.image import read_channel_geometry
@@ -272,90 +272,8 @@ def estimate_ram_bytes(plan: Plan, n_train: int, n_val: int, cases: Iterable[Cas
             grid = canonical_grid(read_channel_geometry(case.images[0])[0])
             shapes.append(resampled_shape(grid.shape, grid.spacing, plan.spacing))
         shape = [int(v) for v in np.median(np.array(shapes), axis=0)] if shapes else list(plan.patch_size)
-    voxels = int(np.prod([max(int(s), int(p)) for s, p in zip(shape, plan.patch_size)]))
+    margins = plan.output_margins() or [0] * len(shape)
+    voxels = int(np.prod([max(int(s) + m, int(p)) for s, m, p in zip(shape, margins, plan.patch_size)]))
+    val_voxels = int(np.prod([max(int(s), int(p)) for s, p in zip(shape, plan.patch_size)]))
     c = int(plan.channels)
-    return n_train * voxels * (4 * c + 8 + 8) + n_val * voxels * (4 * c + 8)
-
-
-class LoadCachedd(mt.Transform):
-    """A Case -> its whole preprocessed {'image', 'label', 'name'} from the disk cache (validation)."""
-
-    def __init__(self, cache: DiskCache) -> None:
-        self.cache = cache
-
-    def __call__(self, case: Case) -> dict:
-        meta, image, label = self.cache.open(case)
-        item = {"image": torch.from_numpy(np.array(image, dtype=np.float32)), "name": meta["name"]}
-        if label is not None:
-            item["label"] = torch.from_numpy(np.asarray(label).astype(np.int64))
-        return item
-
-
-def _crop(array: np.ndarray, starts: Sequence[int], size: Sequence[int], offset: Sequence[int]) -> np.ndarray:
-    """The (C, *size) box at `starts` of the array zero-padded by `offset` before each axis: only the box is read."""
-    out = np.zeros((array.shape[0], *size), dtype=array.dtype)
-    src, dst = [slice(None)], [slice(None)]
-    for st, n, off, have in zip(starts, size, offset, array.shape[1:]):
-        lo, hi = max(st - off, 0), min(st - off + n, have)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - (st - off), hi - (st - off)))
-    out[tuple(dst)] = array[tuple(src)]
-    return out
-
-
-class CachedPosNegCropd(mt.Randomizable, mt.Transform):
-    """The patch `SpatialPadd` + `FgBgToIndicesd` + `RandCropByPosNegLabeld(num_samples=1)` would cut, from the cache.
-
-    Same random draws in the same order as MONAI 1.x's `generate_pos_neg_label_crop_centers` (`rand()` for
-    foreground-or-background, `randint(n)` for the n-th such voxel in C order of the padded label), so with the same
-    random state it returns the same patch as the RAM pipeline. The n-th voxel is found from the per-slice foreground
-    counts in meta.json and one label slice; the symmetric zero padding is virtual. Returns a one-element list, like
-    `RandCropByPosNegLabeld`.
-    """
-
-    def __init__(self, cache: DiskCache, spatial_size: Sequence[int], pos: float) -> None:
-        self.cache = cache
-        self.spatial_size = tuple(int(s) for s in spatial_size)
-        self.pos = float(pos)
-
-    def randomize(self, data: Any = None) -> None:  # the draws happen in __call__, where the counts are known
-        pass
-
-    def _center(self, meta: dict, label: np.ndarray, padded: tuple[int, ...], offset: tuple[int, ...]) -> tuple:
-        shape = tuple(meta["shape"])
-        per_slice = np.zeros(padded[0], dtype=np.int64)
-        per_slice[offset[0]:offset[0] + shape[0]] = meta["fg_per_slice"]
-        inner = int(np.prod(padded[1:]))
-        n_fg = int(per_slice.sum())
-        n_bg = int(np.prod(padded)) - n_fg
-        pos = self.pos
-        if n_fg == 0 or n_bg == 0:
-            pos = 0 if n_fg == 0 else 1
-        use_fg = self.R.rand() < pos
-        k = int(self.R.randint(n_fg if use_fg else n_bg))
-        counts = per_slice if use_fg else inner - per_slice
-        cum = np.cumsum(counts)
-        p = int(np.searchsorted(cum, k, side="right"))
-        k -= int(cum[p - 1]) if p else 0
-        plane = np.zeros(padded[1:], dtype=label.dtype)
-        r = p - offset[0]
-        if 0 <= r < shape[0]:
-            plane[tuple(slice(o, o + s) for o, s in zip(offset[1:], shape[1:]))] = label[0, r]
-        j = int(np.flatnonzero(plane != 0 if use_fg else plane == 0)[k])
-        center = np.unravel_index(p * inner + j, padded)
-        return correct_crop_centers([int(c) for c in center], self.spatial_size, padded, False)
-
-    def __call__(self, case: Case) -> list[dict]:
-        meta, image, label = self.cache.open(case)
-        shape = tuple(meta["shape"])
-        padded = tuple(max(s, p) for s, p in zip(shape, self.spatial_size))
-        offset = tuple((q - s) // 2 for q, s in zip(padded, shape))  # SpatialPadd's symmetric padding
-        center = self._center(meta, label, padded, offset)
-        starts = [max(int(c) - s // 2, 0) for c, s in zip(center, self.spatial_size)]
-        return [{
-            "image": torch.from_numpy(_crop(image, starts, self.spatial_size, offset)),
-            "label": torch.from_numpy(_crop(label, starts, self.spatial_size, offset).astype(np.int64)),
-            "name": meta["name"],
-        }]
+    return n_train * voxels * (4 * c + 8 + 8) + n_val * val_voxels * (4 * c + 8)

@@ -68,6 +68,15 @@ class Plan:
     kernels: list[list[int]] | None = None
     # which rule decided the modality: "--modality", "dataset.json", "detected: ..." (None in older plans)
     modality_source: str | None = None
+    # valid padding only (segment.train.plan_valid): the network's output for one `patch_size` input, centred in it
+    # (margin = patch_size - output_size); None for same padding, where the output is the patch
+    output_size: list[int] | None = None
+
+    def output_margins(self) -> list[int] | None:
+        """input - output per axis of a valid-padding plan; None for same padding."""
+        if self.output_size is None:
+            return None
+        return [int(i) - int(o) for i, o in zip(self.patch_size, self.output_size)]
 
     def tta_axes(self) -> list[int]:
         return list(range(len(self.patch_size))) if self.mirror_axes is None else list(self.mirror_axes)
@@ -163,6 +172,17 @@ def fingerprint(dataset: Dataset, max_intensity_cases: int = 20, intensity_chann
         "fg_std": float(fg_all.std() + 1e-8),
         "fg_channels": [int(c) for c in intensity_channels],
     }
+
+
+def patch_budget(device: str) -> int:
+    """Voxels of the (same-mode) patch the planner aims for on `device`."""
+    return 128**3 if device == "cuda" else 64**3
+
+
+def step_voxels(device: str) -> int:
+    """Input voxels per training step (batch x patch) the batch size aims for; CPU: ~0.5 s per step for 16-wide
+    4-level nets."""
+    return 2 * 128**3 if device == "cuda" else 448_000
 
 
 def _round_up(n: float, multiple: int) -> int:
@@ -269,7 +289,11 @@ def _round_to_strides(patch: Sequence[float], strides: Sequence[Sequence[int]]) 
 
 
 def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan, dict]:
-    """Plan spacing, patch, depth and batch from the fingerprint; config values override planned ones."""
+    """Plan spacing, patch, depth and batch from the fingerprint; config values override planned ones.
+
+    The plan is for same padding; `segment.train.plan_valid.plan_run` turns it into a valid-padding plan (that needs
+    the network's size arithmetic, which lives a layer above this one).
+    """
     kinds, source = decide_modalities(dataset, cfg.data.modality)
     fp = fingerprint(dataset, intensity_channels=[c for c, k in enumerate(kinds) if k == "ct"] or [0])
     if cfg.data.target_spacing:
@@ -280,7 +304,7 @@ def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan,
         spacing = list(fp["median_spacing"])
     resampled = [list(resampled_shape(shape, sp, spacing)) for shape, sp in zip(fp["shapes"], fp["spacings"])]
     median_shape = [int(v) for v in np.median(np.array(resampled), axis=0)]
-    budget = 128**3 if device == "cuda" else 64**3
+    budget = patch_budget(device)
     strides: list[list[int]] | None = None
     kernels: list[list[int]] | None = None
     if cfg.model.strides is not None or cfg.model.kernels is not None:  # given: the network's shape is the user's
@@ -305,8 +329,7 @@ def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan,
     base = cfg.model.features
     features = base if len(base) == depth else [base[0] * 2**i for i in range(depth)]
     features = [min(f, 320) for f in features]
-    voxels_per_step = 2 * 128**3 if device == "cuda" else 448_000  # CPU: ~0.5 s per step for 16-wide 4-level nets
-    batch = cfg.data.batch_size or int(np.clip(voxels_per_step // int(np.prod(patch)), 2, 16))
+    batch = cfg.data.batch_size or int(np.clip(step_voxels(device) // int(np.prod(patch)), 2, 16))
     modality = kinds[0] if len(set(kinds)) == 1 else "mixed"
     labels, values = values_to_classes(dataset.labels)
     p_lo, _, p_hi = fp["fg_percentiles"]

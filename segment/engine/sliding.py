@@ -44,8 +44,9 @@ def sliding_logits(
     """Logits (N, K, *spatial) for an image (N, C, *spatial) of any size, window by window."""
     sw_batch_size = window_batch(sw_batch_size, image.device)
     if getattr(getattr(model, "cfg", None), "padding", "same") == "valid":
-        from segment.engine.tiler import tiled_logits
+        from segment.engine.tiler import grown_window, tiled_logits
 
+        patch_size = grown_window(model, patch_size, image.shape[2:])  # fewer, larger windows than the training patch
         return tiled_logits(model, image, patch_size, overlap=overlap, sw_batch_size=sw_batch_size, blend=blend)
     roi = tuple(int(p) for p in patch_size)
     covers = all(n >= p for n, p in zip(image.shape[2:], roi))

@@ -15,32 +15,21 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 from torch import Tensor, nn
 
+from segment.data.mirror import mirror_indices
 from segment.errors import GeometryError
 
 
 def reflect_pad(x: Tensor, before: Sequence[int], after: Sequence[int]) -> Tensor:
-    """Mirror-pad the spatial axes of (N, C, *spatial); pads larger than the volume are mirrored repeatedly."""
-    before, after = list(before), list(after)
-    while any(before) or any(after):
-        pads: list[int] = []
-        for axis in reversed(range(len(before))):  # F.pad takes the last axis first
-            room = x.shape[2 + axis] - 1
-            b, a = min(before[axis], room), min(after[axis], room)
-            before[axis] -= b
-            after[axis] -= a
-            pads += [b, a]
-        if not any(pads):  # only single-voxel axes are left, and one voxel cannot be mirrored
-            return F.pad(x, _flat(before, after), mode="replicate")
-        x = F.pad(x, pads, mode="reflect")
+    """Mirror-pad the spatial axes of (N, C, *spatial) by the training pipeline's rule (`segment.data.mirror`):
+    pads larger than the volume are mirrored repeatedly, a one-voxel axis is repeated."""
+    for axis, (b, a) in enumerate(zip(before, after)):
+        if b or a:
+            idx = torch.from_numpy(mirror_indices(x.shape[2 + axis], b, a)).to(x.device)
+            x = x.index_select(2 + axis, idx)
     return x
-
-
-def _flat(before: Sequence[int], after: Sequence[int]) -> list[int]:
-    return [v for axis in reversed(range(len(before))) for v in (before[axis], after[axis])]
 
 
 def window_geometry(model: nn.Module, patch_size: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
@@ -50,6 +39,28 @@ def window_geometry(model: nn.Module, patch_size: Sequence[int]) -> tuple[tuple[
     lows = tuple(model.min_input_sizes()) if hasattr(model, "min_input_sizes") else (int(model.min_input_size()),) * n
     win_in = tuple(lo + st * max(0, (int(p) - lo) // st) for p, lo, st in zip(patch_size, lows, steps))
     return win_in, tuple(model.output_size(win_in)), max(steps)  # starts on multiples of every axis's step
+
+
+def grown_window(model: nn.Module, patch_size: Sequence[int], spatial: Sequence[int], grow: float = 2.0) -> tuple[int, ...]:
+    """An input window for predicting a volume of size `spatial`: as large as covers the volume in one window, within
+    `grow` times the voxels of `patch_size`, and never smaller than `window_geometry`'s (an allowed size throughout).
+
+    A valid net's output window is the training patch less the margin (a 71^3 input gives 18^3), so tiling a volume
+    with it runs many mostly-overlapping windows; a forward pass without gradients holds far less than a training
+    step, so `sliding_logits` (validation and prediction) tiles with this larger window. With batch norm (eval) the logits are those of the
+    training-size windows (shift-equivariance: both equal one whole pass); instance norm normalises each window over
+    its own region, so a larger window sees statistics over more context than the training patches did.
+    """
+    win_in, _, _ = window_geometry(model, patch_size)
+    steps = tuple(model.size_multiples())
+    full = [max(w, f) for w, f in zip(win_in, model.input_size_for(spatial))]
+    budget = max(math.prod(win_in), grow * math.prod(int(p) for p in patch_size))
+    while math.prod(full) > budget:
+        axis = max(range(len(full)), key=lambda a: full[a] - win_in[a])
+        if full[axis] == win_in[axis]:
+            break
+        full[axis] -= steps[axis]
+    return tuple(full)
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from segment.errors import InputError
-from segment.evaluation.metrics import HIGHER_IS_BETTER, LABELS, METRICS, UNITS, fmt_value
+from segment.evaluation.metrics import LABELS, METRICS, UNITS, fmt_value
+from segment.evaluation.seed_noise import (BOUNDARY_METRICS, describe, effect_table, fmt_diff, level_finding,
+                                           seed_comparisons, seed_table, verdict)
 from segment.evaluation.stats import ALL, compare, per_case_values
 
-BOUNDARY_METRICS = ("hd95", "assd", "nsd")
 Block = tuple[Any, ...]  # ("h2", text) | ("p", text) | ("table", header, rows) | ("img", caption, relpath)
 
 
@@ -57,19 +58,6 @@ def _metric_table(variants: dict[str, list[dict[str, Any]]]) -> Block:
     return ("table", ["class", "metric", *variants], rows)
 
 
-def _verdict(res: dict[str, Any], metric: str) -> str:
-    """'worse' / 'better' when the interval excludes 0, else 'inconclusive'."""
-    if res["n"] == 0 or math.isnan(res["lo"]):
-        return "no data"
-    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-    lo, hi = sorted((sign * res["lo"], sign * res["hi"]))
-    if hi < 0:
-        return "worse"
-    if lo > 0:
-        return "better"
-    return "inconclusive"
-
-
 def _comparisons(variants: dict[str, list[dict[str, Any]]], bootstrap: int, seed: int) -> list[dict[str, Any]]:
     """Each variant against the first, for "all" and every class, every metric."""
     ref_name, ref_rows = next(iter(variants.items()))
@@ -80,23 +68,14 @@ def _comparisons(variants: dict[str, list[dict[str, Any]]], bootstrap: int, seed
         for group in groups:
             for metric in METRICS:
                 res = compare(ref_rows, rows, metric, group, n=bootstrap, seed=seed)
-                out.append({**res, "variant": var_name, "reference": ref_name, "verdict": _verdict(res, metric)})
+                out.append({**res, "variant": var_name, "reference": ref_name, "verdict": verdict(res, metric)})
     return out
-
-
-def _fmt_diff(res: dict[str, Any]) -> tuple[str, str]:
-    unit = f" {UNITS[res['metric']]}" if UNITS[res["metric"]] else ""
-    digits = 3 if res["metric"] in ("dice", "nsd") else 2
-    if res["n"] == 0:
-        return "n/a", "n/a"
-    return (f"{res['mean']:+.{digits}f}{unit}",
-            f"{res['lo']:+.{digits}f} to {res['hi']:+.{digits}f}{unit}")
 
 
 def _diff_table(comps: list[dict[str, Any]]) -> Block:
     rows = []
     for c in comps:
-        diff, interval = _fmt_diff(c)
+        diff, interval = fmt_diff(c)
         rows.append([f"{c['variant']} − {c['reference']}", c["name"], LABELS[c["metric"]], diff, interval,
                      str(c["n"]), str(c["n_dropped"] + c["unpaired"]), c["verdict"]])
     header = ["comparison", "class", "metric", "mean difference", f"{round(100 * comps[0]['ci'])}% CI" if comps else "CI",
@@ -104,12 +83,7 @@ def _diff_table(comps: list[dict[str, Any]]) -> Block:
     return ("table", header, rows)
 
 
-def _describe(c: dict[str, Any]) -> str:
-    diff, interval = _fmt_diff(c)
-    return f"{LABELS[c['metric']]} {diff} ({round(100 * c['ci'])}% CI {interval})"
-
-
-def finding(comps: list[dict[str, Any]]) -> str:
+def finding(comps: list[dict[str, Any]], n_seeds: int = 1) -> str:
     """One honest paragraph per compared variant, generated from the "all" bootstrap results only."""
     paragraphs = []
     for var in dict.fromkeys(c["variant"] for c in comps):
@@ -121,20 +95,28 @@ def finding(comps: list[dict[str, Any]]) -> str:
         n = max(c["n"] for c in boundary)
         if worse:
             text = (f"On this data ({n} paired cases), `{var}` is worse than `{ref}` on boundary metrics: "
-                    + "; ".join(_describe(c) for c in worse) + " — these intervals exclude 0.")
+                    + "; ".join(describe(c) for c in worse) + " — these intervals exclude 0.")
             if rest:
                 text += " Not shown to differ (or better): " + "; ".join(
-                    f"{_describe(c)}, {c['verdict']}" for c in rest) + "."
+                    f"{describe(c)}, {c['verdict']}" for c in rest) + "."
         else:
             text = (f"On this data ({n} paired cases), `{var}` is not worse than `{ref}` on boundary metrics "
                     "(not worse / inconclusive on this data): " + "; ".join(
-                        f"{_describe(c)}, {c['verdict']}" for c in boundary) + ".")
+                        f"{describe(c)}, {c['verdict']}" for c in boundary) + ".")
         d = mine["dice"]
-        text += f" Overlap: {_describe(d)}, {d['verdict']}."
+        text += f" Overlap: {describe(d)}, {d['verdict']}."
         paragraphs.append(text)
-    paragraphs.append("Differences are the compared variant minus the first variant, averaged over cases; intervals are "
-                      "paired percentile bootstraps over cases, so they reflect case-to-case variation of one trained "
-                      "model per variant, not training-seed variation, and are not corrected for multiple comparisons.")
+    if n_seeds > 1:
+        paragraphs.append(f"Per case, each variant's metrics are first averaged over its {n_seeds} training seeds; "
+                          "differences are the compared variant minus the first variant, averaged over cases; intervals "
+                          "are paired percentile bootstraps over cases of those seed averages, so they reflect "
+                          "case-to-case variation. Seed-to-seed variation is shown separately (Seed noise); nothing is "
+                          "corrected for multiple comparisons.")
+    else:
+        paragraphs.append("Differences are the compared variant minus the first variant, averaged over cases; intervals "
+                          "are paired percentile bootstraps over cases, so they reflect case-to-case variation of one "
+                          "trained model per variant, not training-seed variation, and are not corrected for multiple "
+                          "comparisons.")
     return " ".join(paragraphs)
 
 
@@ -144,17 +126,41 @@ def _meta_table(meta: dict[str, Any]) -> Block:
     return ("table", ["item", "value"], [[str(k), show(v)] for k, v in meta.items()])
 
 
+def _variant_table(info: dict[str, dict[str, Any]]) -> Block:
+    rows = [[name, ", ".join(map(str, i["kept"])) or "–", i["description"], str(i.get("steps", "")),
+             str(i.get("minutes", ""))]
+            for name, i in info.items()]
+    return ("table", ["variant", "skip levels kept", "setting", "steps per seed", "minutes per seed"], rows)
+
+
 def _blocks(out_dir: Path, variants: dict[str, list[dict[str, Any]]], meta: dict[str, Any], figures: dict[str, Path],
-            grad_norms: dict[str, list[float]] | None, comps: list[dict[str, Any]]) -> list[Block]:
+            grad_norms: dict[str, list[float]] | None, comps: list[dict[str, Any]], seed_comps: list[dict[str, Any]],
+            info: dict[str, dict[str, Any]], n_seeds: int, levels_text: str) -> list[Block]:
     blocks: list[Block] = [("h1", "Ablation report: " + " vs ".join(f"`{v}`" for v in variants))]
     if comps:
-        blocks += [("h2", "Finding"), ("p", finding(comps))]
-    blocks += [("h2", "Setup"), _meta_table(meta), ("h2", "Metrics (mean ± std over cases)"), _metric_table(variants),
+        blocks += [("h2", "Finding"), ("p", finding(comps, n_seeds))]
+    if levels_text:
+        blocks += [("h2", "Which skip level carries boundary quality"), ("p", levels_text)]
+    if info:
+        n_levels = max((len(i["kept"]) for i in info.values()), default=0)
+        blocks += [("h2", "Variants"), _variant_table(info),
+                   ("p", f"Skip levels are numbered from the finest: level 0 joins the full-resolution encoder stage to "
+                         f"the last decoder stage, level {max(n_levels - 1, 0)} is the coarsest skip (just above the "
+                         "bottleneck); each level below 0 is one more downsampling (halving) away from full "
+                         "resolution.")]
+    blocks += [("h2", "Setup"), _meta_table(meta),
+               ("h2", "Metrics (mean ± std over cases" + (f"; per case the mean of {n_seeds} seeds)" if n_seeds > 1
+                                                          else ")")), _metric_table(variants),
                ("p", "Dice and NSD: higher is better. HD95 and ASSD in mm: lower is better. A distance is missing when "
                      "exactly one of prediction and reference is empty for that class; such cases are counted, "
                      "not averaged in.")]
     if comps:
         blocks += [("h2", f"Paired differences (each variant − `{comps[0]['reference']}`)"), _diff_table(comps)]
+    if seed_comps:
+        blocks += [("h2", "Seed noise: the same variant trained with another seed"), seed_table(seed_comps),
+                   ("h2", "Effect beside seed noise (all classes)"), effect_table(comps, seed_comps),
+                   ("p", "An effect exceeds seed noise when its interval excludes 0 and its mean is larger in size than "
+                         "every variant's mean seed-to-seed difference on that metric.")]
     if figures:
         blocks.append(("h2", "Figures"))
         blocks += [("img", caption, os.path.relpath(Path(path), out_dir)) for caption, path in figures.items()]
@@ -217,11 +223,16 @@ def _json_safe(obj: Any) -> Any:
 
 def write_report(out_dir: Path, *, variants: dict[str, list[dict[str, Any]]], meta: dict[str, Any],
                  figures: dict[str, Path], grad_norms: dict[str, list[float]] | None = None,
-                 bootstrap: int = 2000) -> Path:
+                 bootstrap: int = 2000, seed_rows: dict[str, dict[int, list[dict[str, Any]]]] | None = None,
+                 variant_info: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write report.md, report.html and report.json into `out_dir`; return the path of report.md.
 
-    `variants` maps a variant name to its `evaluate_cases` rows; the first variant is the reference every other one
-    is compared with. `figures` maps a caption to a PNG path (embedded relative to `out_dir`).
+    `variants` maps a variant name to its `evaluate_cases` rows (with several seeds: the per-case seed averages,
+    `average_seeds`); the first variant is the reference every other one is compared with. `seed_rows` maps a
+    variant to its rows per training seed (two or more seeds add the seed-noise tables). `variant_info` maps a
+    variant to {"kept": levels, "description": words, "dropped_alone": level or None, "steps", "minutes"}; variants
+    that drop one level alone enter the "which level" finding. `figures` maps a caption to a PNG path (embedded
+    relative to `out_dir`).
     """
     if not variants or any(not rows for rows in variants.values()):
         raise InputError("write_report: every variant needs evaluation rows (none were given for at least one)")
@@ -229,11 +240,17 @@ def write_report(out_dir: Path, *, variants: dict[str, list[dict[str, Any]]], me
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(meta.get("seed", 0)) if str(meta.get("seed", 0)).lstrip("-").isdigit() else 0
     comps = _comparisons(variants, bootstrap, seed)
-    blocks = _blocks(out_dir, variants, meta, figures, grad_norms, comps)
+    seed_rows, info = seed_rows or {}, variant_info or {}
+    n_seeds = max((len(v) for v in seed_rows.values()), default=1)
+    seed_comps = seed_comparisons(seed_rows, bootstrap, seed)
+    dropped = {n: i["dropped_alone"] for n, i in info.items() if i.get("dropped_alone") is not None}
+    levels_text = level_finding(comps, seed_comps, dropped)
+    blocks = _blocks(out_dir, variants, meta, figures, grad_norms, comps, seed_comps, info, n_seeds, levels_text)
     md_path = out_dir / "report.md"
     md_path.write_text(_to_markdown(blocks), encoding="utf-8")
     (out_dir / "report.html").write_text(_to_html(blocks, "Ablation report"), encoding="utf-8")
-    payload = {"meta": meta, "comparisons": comps, "finding": finding(comps) if comps else "",
+    payload = {"meta": meta, "comparisons": comps, "finding": finding(comps, n_seeds) if comps else "",
+               "seed_comparisons": seed_comps, "level_finding": levels_text, "variants": info,
                "figures": {k: os.path.relpath(Path(v), out_dir) for k, v in figures.items()}}
     (out_dir / "report.json").write_text(json.dumps(_json_safe(payload), indent=2, default=str), encoding="utf-8")
     return md_path

@@ -1,8 +1,9 @@
 """`segment ablate`: train U-Nets that differ only in their long skip connections and report what that changes.
 
-Everything else is held fixed: one plan (spacing, patch, batch, widths), one split, one seed, one time budget. Each
-variant is then scored on the same validation cases in their original geometry, and the report says what the paired
-differences show, including when they show nothing.
+Everything else is held fixed: one plan (spacing, patch, batch, widths), one split, one time budget, and the same
+training seeds for every variant (`--seeds 0,1` trains each variant once per seed). Each model is scored on the same
+validation cases in their original geometry, and the report says what the paired differences show, beside the
+seed-to-seed differences, including when they show nothing. The variant language is in `variants.py`.
 """
 
 from __future__ import annotations
@@ -10,62 +11,24 @@ from __future__ import annotations
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from segment.config import Config, SkipSpec, TrainConfig, validate
 from segment.errors import ConfigError, InputError
+from segment.experiments.ablate_figures import make_figures, pick_cases
+from segment.experiments.variants import (describe, dropped_alone, kept_levels, parse_seeds, parse_tokens,
+                                          parse_variants, variant_name)
+
+__all__ = ["parse_variants", "variant_name", "pick_cases", "run_ablation", "DEFAULT_BUDGET", "TIME_LIMITED_EPOCHS"]
+Key = tuple[str, int]  # (variant, seed)
 
 DEFAULT_BUDGET = "25m"
 TIME_LIMITED_EPOCHS = 100_000  # with the default epoch count, the budget (not the epochs) ends each run
 GRAD_CASES, GRAD_BATCH = 8, 2  # gradient norms: 8 training cases in 4 batches of 2
-
-
-def _split_outside_brackets(text: str) -> list[str]:
-    tokens, depth, current = [], 0, ""
-    for ch in text:
-        depth += (ch == "[") - (ch == "]")
-        if depth < 0:
-            raise ConfigError(f"--variants {text!r}: ']' without '['")
-        if ch == "," and depth == 0:
-            tokens.append(current)
-            current = ""
-        else:
-            current += ch
-    if depth:
-        raise ConfigError(f"--variants {text!r}: '[' without ']'")
-    return tokens + [current]
-
-
-def parse_variants(text: str) -> list[SkipSpec]:
-    """'all,none,[0]' -> ['all', 'none', [0]]: skip settings, split on commas outside brackets."""
-    specs: list[SkipSpec] = []
-    for token in (t.strip() for t in _split_outside_brackets(text)):
-        value = yaml.safe_load(token) if token else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = [value]
-        ok = value in ("all", "none") or (isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value))
-        if not ok:
-            raise ConfigError(f"--variants {text!r}: {token!r} is not a skip setting; "
-                              "use all, none or a list of levels such as [0,1]")
-        specs.append(value if isinstance(value, str) else sorted(set(value)))
-    names = [variant_name(s) for s in specs]
-    if len(set(names)) != len(names) or len(names) < 2:
-        raise ConfigError(f"--variants {text!r}: need at least two different skip settings, e.g. all,none")
-    return sorted(specs, key=lambda s: -_kept_count(s))  # the with-skips variant is the reference
-
-
-def _kept_count(spec: SkipSpec) -> float:
-    return float("inf") if spec == "all" else (0 if spec == "none" else len(spec))
-
-
-def variant_name(spec: SkipSpec) -> str:
-    """Folder-safe name: skips-all, skips-none, skips-0-1."""
-    return "skips-" + (spec if isinstance(spec, str) else "-".join(str(v) for v in spec) or "none")
 
 
 def _with_budget(cfg: Config, budget: str | None) -> tuple[Config, str]:
@@ -81,10 +44,11 @@ def _with_budget(cfg: Config, budget: str | None) -> tuple[Config, str]:
     return validate(raw, "--budget"), text
 
 
-def _variant_config(cfg: Config, spec: SkipSpec, features: list[int]) -> Config:
-    """The shared config with only the skips changed (checked against the planned depth before any training)."""
+def _variant_config(cfg: Config, spec: SkipSpec, features: list[int], seed: int) -> Config:
+    """The shared config with only the skips and the training seed changed (checked against the planned depth)."""
     raw = cfg.model_dump(mode="json")
     raw["model"]["skip_connections"] = spec
+    raw["seed"] = seed
     validate({**raw, "model": {**raw["model"], "features": features}}, f"--variants {variant_name(spec)}")
     return validate(raw, f"--variants {variant_name(spec)}")
 
@@ -113,21 +77,32 @@ def _finished_run(run_dir: Path, split: dict[str, list[str]]) -> Any:
                        float(s["seconds"]))
 
 
-def _train_all(cfgs: dict[str, Config], out: Path, plan: Any, split: dict[str, list[str]]) -> dict[str, Any]:
+def _run_dir(out: Path, name: str, seed: int, several_seeds: bool) -> Path:
+    """runs/<variant> with one seed (as before seeds existed), runs/<variant>/seed-<seed> with several."""
+    return out / "runs" / name / f"seed-{seed}" if several_seeds else out / "runs" / name
+
+
+def _key(name: str, seed: int, several_seeds: bool) -> str:
+    return f"{name} seed {seed}" if several_seeds else name
+
+
+def _train_all(cfgs: dict[Key, Config], out: Path, plan: Any, split: dict[str, list[str]]) -> dict[Key, Any]:
+    """Train every (variant, seed) into its run folder (`_run_dir`), reusing finished runs on the same split."""
     from segment.train.runner import console, train
 
     results = {}
-    for name, vcfg in cfgs.items():
-        run_dir = out / "runs" / name
-        results[name] = _finished_run(run_dir, split)
-        if results[name] is not None:
-            console.print(f"[bold]{name}:[/] reusing the finished run in {run_dir}")
+    several = len({seed for _, seed in cfgs}) > 1
+    for (name, seed), vcfg in cfgs.items():
+        run_dir = _run_dir(out, name, seed, several)
+        results[name, seed] = _finished_run(run_dir, split)
+        if results[name, seed] is not None:
+            console.print(f"[bold]{name} seed {seed}:[/] reusing the finished run in {run_dir}")
             continue
         if run_dir.is_dir() and any(run_dir.iterdir()):
-            raise InputError(f"{run_dir}: holds an unfinished run of {name}, or one on a different split; "
-                             "delete that folder or choose another --output")
-        console.rule(f"training {name} (model.skip_connections={vcfg.model.skip_connections})")
-        results[name] = train(vcfg, output=run_dir, plan=plan, split=split)
+            raise InputError(f"{run_dir}: holds an unfinished run of {name} (seed {seed}), or one on a different "
+                             "split; delete that folder or choose another --output")
+        console.rule(f"training {name}, seed {seed} (model.skip_connections={vcfg.model.skip_connections})")
+        results[name, seed] = train(vcfg, output=run_dir, plan=plan, split=split)
     return results
 
 
@@ -138,22 +113,23 @@ def _checkpoint(result: Any, name: str) -> Path:
     return Path(ckpt)
 
 
-def _evaluate_all(ckpts: dict[str, Path], cases: list[Any], cfg: Config) -> tuple[dict[str, list], dict[str, dict]]:
-    """Rows and pooled boundary-error profiles per variant, all on the same validation cases."""
+def _evaluate_all(ckpts: dict[Key, Path], cases: list[Any],
+                  cfg: Config) -> tuple[dict[str, dict[int, list]], dict[str, dict]]:
+    """Rows per variant and seed, and boundary-error profiles per variant (cases and seeds pooled)."""
     from segment.evaluation.evaluate import load_predictor, score_cases
     from segment.figures import boundary_error_profile, pool_profiles
 
-    variants, profiles = {}, {}
-    for name, ckpt in ckpts.items():
-        found: list[dict[str, Any]] = []
+    rows: dict[str, dict[int, list]] = {}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for (name, seed), ckpt in ckpts.items():
+        mine = found.setdefault(name, [])
 
-        def hook(case: str, channels: Any, geometry: Any, pred: np.ndarray, ref: np.ndarray) -> None:
-            found.append(boundary_error_profile(pred, ref, geometry.spacing))
+        def hook(case: str, channels: Any, geometry: Any, pred: np.ndarray, ref: np.ndarray,
+                 mine: list = mine) -> None:
+            mine.append(boundary_error_profile(pred, ref, geometry.spacing))
 
-        predictor = load_predictor(ckpt)
-        variants[name] = score_cases(predictor, cases, cfg.evaluate, on_case=hook)
-        profiles[name] = pool_profiles(found)
-    return variants, profiles
+        rows.setdefault(name, {})[seed] = score_cases(load_predictor(ckpt), cases, cfg.evaluate, on_case=hook)
+    return rows, {name: pool_profiles(p) for name, p in found.items()}
 
 
 def _grad_norms(run_dirs: dict[str, Path], plan: Any, cases: list[Any], seed: int) -> dict[str, list[float]]:
@@ -171,53 +147,12 @@ def _grad_norms(run_dirs: dict[str, Path], plan: Any, cases: list[Any], seed: in
 
     device = resolve_device("auto")
     norms = {}
-    for name, run_dir in run_dirs.items():
+    for name, run_dir in run_dirs.items():  # each variant's first-seed run
         planned = RunFolder(run_dir).read_config().model_dump(mode="json")  # the config train() actually used
         pl.seed_everything(seed, verbose=False)
         module = SegmentationModule(planned, plan.to_dict()).to(device)
         norms[name] = mean_encoder_grad_norms(module, batches)
     return norms
-
-
-def pick_cases(variants: dict[str, list[dict[str, Any]]], n: int = 3) -> list[tuple[str, float]]:
-    """Cases worth looking at: largest Dice gap for the reference, the median gap, largest gap the other way.
-
-    The gap is the first variant (most skips) minus the last one (fewest skips): the contrast the ablation is about.
-    """
-    from segment.evaluation.stats import per_case_values
-
-    rows_a, rows_b = list(variants.values())[0], list(variants.values())[-1]
-    va, vb = per_case_values(rows_a, "dice"), per_case_values(rows_b, "dice")
-    gap = {c: va[c] - vb[c] for c in sorted(set(va) & set(vb))}
-    order = sorted(gap, key=lambda c: gap[c])
-    picks = [order[-1], order[len(order) // 2], order[0]] if order else []
-    return [(c, gap[c]) for c in dict.fromkeys(picks)][:n]
-
-
-def _figures(out: Path, ckpts: dict[str, Path], variants: dict[str, list], profiles: dict[str, dict],
-             run_dirs: dict[str, Path], norms: dict[str, list[float]], cases: list[Any]) -> dict[str, Path]:
-    from segment.evaluation.evaluate import load_predictor, predict_labels, read_case_arrays
-    from segment.figures import (plot_boundary_error, plot_contours, plot_gradient_norms,
-                                            plot_training_curves)
-    from segment.run_folder import RunFolder
-
-    fig_dir, figures = out / "figures", {}
-    predictors = {name: load_predictor(ckpt) for name, ckpt in ckpts.items()}
-    by_name = {c.name: c for c in cases}
-    ref_name, other = list(variants)[0], list(variants)[-1]
-    for i, (case, gap) in enumerate(pick_cases(variants)):
-        channels, geometry, ref = read_case_arrays(by_name[case])
-        preds = {name: predict_labels(p, channels, geometry) for name, p in predictors.items()}
-        caption = f"Contours, case {case} (Dice {ref_name} − {other}: {gap:+.3f})"
-        figures[caption] = plot_contours(channels[0], ref, preds, fig_dir / f"contours_{i}.png", title=caption,
-                                         spacing=geometry.spacing)
-    figures["Boundary error vs distance from the reference surface (all validation cases pooled)"] = \
-        plot_boundary_error(profiles, fig_dir / "boundary_error.png")
-    logs = {n: parts[0] for n, d in run_dirs.items() if (parts := RunFolder(d).metric_logs())}
-    if logs:
-        figures["Training curves"] = plot_training_curves(logs, fig_dir / "training_curves.png")
-    figures["Gradient norm per encoder depth at initialisation"] = plot_gradient_norms(norms, fig_dir / "grad_norms.png")
-    return figures
 
 
 def _machine() -> str:
@@ -227,13 +162,16 @@ def _machine() -> str:
     return f"{platform.platform()}; {os.cpu_count()} CPUs; torch {torch.__version__}; device {device}"
 
 
-def _meta(cfg: Config, dataset: Any, split: dict, budget: str, plan: Any, results: dict[str, Any]) -> dict[str, Any]:
+def _meta(cfg: Config, dataset: Any, split: dict, budget: str, plan: Any, results: dict[Key, Any],
+          seeds: list[int]) -> dict[str, Any]:
     return {
         "data": str(dataset.root), "cases": len(dataset.cases), "train cases": len(split["train"]),
-        "validation cases": len(split["val"]), "budget per variant": f"{budget} or {cfg.train.max_epochs} epochs of {cfg.train.steps_per_epoch} steps, "
-                              "whichever ends first",
-        "steps": {n: r.steps for n, r in results.items()},
-        "minutes": {n: round(r.seconds / 60, 1) for n, r in results.items()}, "seed": cfg.seed,
+        "validation cases": len(split["val"]),
+        "budget per variant and seed": f"{budget} or {cfg.train.max_epochs} epochs of {cfg.train.steps_per_epoch} "
+                                       "steps, whichever ends first",
+        "steps": {_key(n, s, len(seeds) > 1): r.steps for (n, s), r in results.items()},
+        "minutes": {_key(n, s, len(seeds) > 1): round(r.seconds / 60, 1) for (n, s), r in results.items()},
+        "seed": cfg.seed, "training seeds": seeds, "split seed": cfg.seed,
         "precision": cfg.train.precision,
         "plan": {"spacing": plan.spacing, "patch": plan.patch_size, "batch": plan.batch_size,
                  "features": plan.features, "modality": plan.modality, "labels": plan.labels},
@@ -241,50 +179,76 @@ def _meta(cfg: Config, dataset: Any, split: dict, budget: str, plan: Any, result
     }
 
 
-def _print_summary(variants: dict[str, list], results: dict[str, Any], report: Path) -> None:
+def _variant_info(specs: list[SkipSpec], n_levels: int, results: dict[Key, Any]) -> dict[str, dict[str, Any]]:
+    info = {}
+    for spec in specs:
+        name = variant_name(spec)
+        mine = [r for (n, _), r in results.items() if n == name]
+        info[name] = {"kept": kept_levels(spec, n_levels), "description": describe(spec, n_levels),
+                      "dropped_alone": dropped_alone(spec, n_levels),
+                      "steps": " / ".join(str(r.steps) for r in mine),
+                      "minutes": " / ".join(f"{r.seconds / 60:.1f}" for r in mine)}
+    return info
+
+
+def _print_summary(variants: dict[str, list], info: dict[str, dict[str, Any]], report: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from segment.evaluation.metrics import LABELS, METRICS, fmt_value
     from segment.evaluation.stats import per_case_values
 
-    table = Table(title="Ablation (validation cases, mean over cases and classes)")
+    table = Table(title="Ablation (validation cases, mean over cases and classes; per case the mean over seeds)")
     for col in ["variant", *(LABELS[m] for m in METRICS), "steps", "minutes"]:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for name, rows in variants.items():
-        means = [float(np.nanmean(list(per_case_values(rows, m).values()))) for m in METRICS]
-        table.add_row(name, *(fmt_value(v, m) for v, m in zip(means, METRICS)), str(results[name].steps),
-                      f"{results[name].seconds / 60:.1f}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a metric missing in every case prints as n/a
+            means = [float(np.nanmean(list(per_case_values(rows, m).values()))) for m in METRICS]
+        table.add_row(name, *(fmt_value(v, m) for v, m in zip(means, METRICS)), info[name]["steps"],
+                      info[name]["minutes"])
     console = Console()
     console.print(table)
     console.print(f"report: {report}  (also report.html, metrics.csv and figures/ beside it)")
 
 
-def run_ablation(cfg: Config, output: Path | None = None, budget: str | None = None, variants: str = "all,none") -> Path:
-    """Train one model per skip setting under identical conditions, evaluate, and write the report; returns report.md."""
-    from segment.data.plan import make_plan
+def run_ablation(cfg: Config, output: Path | None = None, budget: str | None = None, variants: str = "all,none",
+                 seeds: str | None = None) -> Path:
+    """Train one model per skip setting and seed under identical conditions, evaluate, and write the report.
+
+    `variants` is the language of `variants.py` (e.g. "levels"); `seeds` e.g. "0,1" (default: the config's seed).
+    Returns the path of report.md.
+    """
+    from segment.evaluation.seed_noise import average_seeds
     from segment.device import training_accelerator
     from segment.evaluation.metrics import write_csv
     from segment.evaluation.report import write_report
+    from segment.train.plan_valid import plan_run
     from segment.train.runner import load_dataset
 
-    specs = parse_variants(variants)
+    parse_tokens(variants)  # a typo fails before the data are read
+    seed_list = parse_seeds(seeds, cfg.seed)
     cfg, budget_text = _with_budget(cfg, budget)
     out = Path(output) if output else Path("runs") / time.strftime("ablation-%Y%m%d-%H%M%S")
     dataset = load_dataset(cfg)
     split = _shared_split(cfg, [c.name for c in dataset.cases])
-    plan, _ = make_plan(dataset, cfg, device=training_accelerator(cfg.train.accelerator))
-    cfgs = {variant_name(s): _variant_config(cfg, s, plan.features) for s in specs}
+    plan, _ = plan_run(dataset, cfg, device=training_accelerator(cfg.train.accelerator))
+    specs = parse_variants(variants, depth=len(plan.features))
+    cfgs = {(variant_name(s), seed): _variant_config(cfg, s, plan.features, seed) for s in specs for seed in seed_list}
     results = _train_all(cfgs, out, plan, split)
-    ckpts = {name: _checkpoint(r, name) for name, r in results.items()}
+    ckpts = {key: _checkpoint(r, f"{key[0]} seed {key[1]}") for key, r in results.items()}
     by_name = {c.name: c for c in dataset.cases}
     val_cases = [by_name[n] for n in split["val"]]
-    rows, profiles = _evaluate_all(ckpts, val_cases, cfg)
-    run_dirs = {name: Path(r.run_dir) for name, r in results.items()}
-    norms = _grad_norms(run_dirs, plan, [by_name[n] for n in split["train"]], cfg.seed)
-    figures = _figures(out, ckpts, rows, profiles, run_dirs, norms, val_cases)
-    write_csv([{"variant": name, **row} for name, vrows in rows.items() for row in vrows], out / "metrics.csv")
-    report = write_report(out, variants=rows, meta=_meta(cfg, dataset, split, budget_text, plan, results),
-                          figures=figures, grad_norms=norms, bootstrap=cfg.evaluate.bootstrap)
-    _print_summary(rows, results, report)
+    seed_rows, profiles = _evaluate_all(ckpts, val_cases, cfg)
+    rows = {name: average_seeds(by_seed) for name, by_seed in seed_rows.items()}
+    run_dirs = {name: Path(results[name, seed_list[0]].run_dir) for name in seed_rows}
+    norms = _grad_norms(run_dirs, plan, [by_name[n] for n in split["train"]], seed_list[0])
+    figures = make_figures(out, ckpts, seed_rows, rows, profiles, run_dirs, norms, val_cases)
+    write_csv([{"variant": name, "seed": seed, **row} for name, by_seed in seed_rows.items()
+               for seed, vrows in by_seed.items() for row in vrows], out / "metrics.csv")
+    info = _variant_info(specs, len(plan.features) - 1, results)
+    report = write_report(out, variants=rows, meta=_meta(cfg, dataset, split, budget_text, plan, results, seed_list),
+                          figures=figures, grad_norms=norms, bootstrap=cfg.evaluate.bootstrap, seed_rows=seed_rows,
+                          variant_info=info)
+    _print_summary(rows, info, report)
     return report

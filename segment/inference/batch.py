@@ -118,6 +118,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[s
 
 FORMATS = ("nifti", "dicom-seg")
 _SUFFIX = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
+CONFIDENCE_CSV = "confidence.csv"
 
 
 class CaseOutputs(NamedTuple):
@@ -177,8 +178,25 @@ def _summary(result: dict) -> str:
     volumes = ", ".join(f"{name} {ml:.2f} ml" for name, ml in result["volumes_ml"].items())
     written = result["output"] + (f", {result['dicom_seg']}" if result.get("dicom_seg") not in (None, result["output"])
                                   else "")
+    confidence = f"; confidence {result['confidence']:.3f}" if result.get("confidence") is not None else ""
     return (f"[green]ok[/] {escape(result['case'])}: {result['seconds']:.2f} s, {result['voxels_per_s']:.3g} voxels/s; "
-            f"{escape(volumes) or 'no foreground'} -> {escape(written)}")
+            f"{escape(volumes) or 'no foreground'}{confidence} -> {escape(written)}")
+
+
+def confidence_path(cases: list[ScanCase], targets: dict[str, CaseOutputs], output: Path | None) -> Path:
+    """confidence.csv beside the outputs: in the -o folder, beside -o FILE, beside the scans when they share a folder,
+    else in the current folder."""
+    folders = {p.parent for c in cases for p in targets[c.key].all()[:1]}
+    folder = next(iter(folders)) if len(folders) == 1 else (Path(output) if output is not None else Path("."))
+    return folder / CONFIDENCE_CSV
+
+
+def _free(path: Path, overwrite: bool) -> Path:
+    """`path`, or confidence-2.csv, -3, ... when it exists and --overwrite was not given (never another file)."""
+    candidate, n = path, 2
+    while candidate.exists() and not (overwrite and candidate.read_text(errors="replace").startswith("case,confidence")):
+        candidate, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return candidate
 
 
 def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | None, device: str, tta: bool | None,
@@ -222,7 +240,10 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
             console.print(f"--tta: mirroring axes {axes} (those the model was trained to mirror)" if axes else
                           "[yellow]--tta: this model was trained without mirroring (data.augment.mirror_axes=[]), "
                           "so there is nothing to mirror; predicting without TTA[/]")
-        _run_cases(predictor, todo, targets, overwrite, failures, console, series=series, debug=debug)
+        if len(predictor.members) > 1:
+            console.print(f"ensemble of {len(predictor.members)} folds: their probabilities are averaged")
+        results = _run_cases(predictor, todo, targets, overwrite, failures, console, series=series, debug=debug)
+        _report_confidence(results, predictor, confidence_path(todo, targets, output), overwrite, console)
     for message in failures.values():
         console.print(f"[red]failed[/] {escape(message)}")
     console.print(f"{len(todo) - sum(c.key in failures for c in todo)} of {len(cases)} case(s) segmented"
@@ -234,14 +255,30 @@ def _is_dicom(case: ScanCase) -> bool:
     return len(case.images) == 1 and case.images[0].is_dir()
 
 
+def _report_confidence(results: list[dict], predictor: Predictor, path: Path, overwrite: bool, console: Console) -> None:
+    """Write confidence.csv and say which cases to check (low confidence or unlike the training scans)."""
+    from segment.inference.confidence import flag_text, write_confidence_csv
+
+    if not results:
+        return
+    written = write_confidence_csv(results, _free(path, overwrite))
+    flagged = [r for r in results if flag_text(r)]
+    for r in flagged:
+        console.print(f"[bold yellow]{escape(flag_text(r))}[/] - {escape(r['case'])}")
+    console.print(f"confidence per case: {escape(str(written))} ({len(flagged)} of {len(results)} flagged; threshold "
+                  f"{predictor.threshold:.3f}{'' if predictor.profile else ', no scan profile: no out-of-distribution check'})")
+
+
 def _run_cases(predictor: Predictor, cases: list[ScanCase], targets: dict[str, CaseOutputs], overwrite: bool,
-               failures: dict[str, str], console: Console, *, series: str | None = None, debug: bool = False) -> None:
+               failures: dict[str, str], console: Console, *, series: str | None = None,
+               debug: bool = False) -> list[dict]:
     """Predict case by case under one progress bar; any error is one line for that case, and the next case goes on.
 
     `debug` adds the traceback (for bug reports); without it no failure of one case prints more than one line.
     A DICOM-SEG asked for a case that is no DICOM series fails that case in one line; its NIfTI, when also asked
     for, is still written.
     """
+    results: list[dict] = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("segmenting", total=len(cases))
@@ -253,6 +290,7 @@ def _run_cases(predictor: Predictor, cases: list[ScanCase], targets: dict[str, C
                 result = predictor.predict_file(case.images, label, overwrite=overwrite, probabilities=prob,
                                                 series=series, dicom_seg=None if no_seg else dicom_seg)
                 progress.console.print(_summary(result))
+                results.append(result)
                 for warning in result.get("warnings", []):
                     progress.console.print(f"[yellow]warning[/] {escape(warning)}")
                 if no_seg:
@@ -267,6 +305,7 @@ def _run_cases(predictor: Predictor, cases: list[ScanCase], targets: dict[str, C
                 if debug:
                     progress.console.print_exception()
             progress.advance(task)
+    return results
 
 
 def case_error(case: ScanCase, err: BaseException) -> str:

@@ -22,11 +22,12 @@ from segment.data.plan import Plan
 from segment.data.preprocess import prepare_image, to_source_grid
 from segment.device import available_memory_bytes, inference_dtype, resolve_device
 from segment.errors import GeometryError, InputError
-from segment.engine.stream import predict_canonical_labels
+from segment.inference.confidence import DEFAULT_THRESHOLD, ConfidenceStats, ood_reasons
+from segment.inference.ensemble import ensemble_canonical_labels
 from segment.io.case import read_case
 from segment.io.geometry import Geometry, canonical_grid, resampled_shape
 from segment.io.nifti import check_target, nifti_geometry, to_nifti_image, write_image, write_label
-from segment.run_folder import read_checkpoint, resolve_checkpoint
+from segment.run_folder import RunFolder, read_checkpoint, resolve_checkpoint
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, Plan, Config]:
@@ -37,6 +38,9 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Plan, Config]:
 
     if is_package(path):
         return read_package(path)
+    if RunFolder(path).is_ensemble():
+        raise InputError(f"{path}: is a k-fold ensemble ({len(RunFolder(path).read_ensemble()['members'])} folds); this "
+                         f"needs one network: pass one fold's run folder (e.g. {Path(path) / 'fold_0'})")
     ckpt = read_checkpoint(path)
     try:
         hp = ckpt["hyper_parameters"]
@@ -52,14 +56,44 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Plan, Config]:
     return model, plan, config
 
 
+def load_models(path: Path) -> tuple[list[nn.Module], Plan, Config, RunFolder | None]:
+    """The network(s) of a checkpoint, model package or k-fold ensemble run, their shared plan and config, and the run
+    folder whose scan_profile.json and confidence.json apply (None for a loose .ckpt or a package)."""
+    path = Path(path)
+    run = RunFolder(path)
+    if not run.is_ensemble():
+        model, plan, config = load_checkpoint(path)
+        return [model], plan, config, (RunFolder.of_checkpoint(path) if path.is_file() else None)
+    models, plan, config = [], None, None
+    for ckpt in run.member_checkpoints():
+        model, p, c = load_checkpoint(ckpt)
+        if plan is not None and p.to_dict() != plan.to_dict():
+            raise InputError(f"{ckpt}: its plan differs from the other folds of {path}; an ensemble's folds must share "
+                             "one plan (train them with segment train --folds)")
+        models.append(model)
+        plan, config = plan or p, config or c
+    assert plan is not None and config is not None
+    return models, plan, config, run
+
+
 class Predictor:
     """A network with its plan and config, ready to segment scans of any size, orientation and spacing."""
 
     def __init__(self, model: nn.Module, plan: Plan, config: Config, *, device: str = "auto", overlap: float | None = None,
-                 tta: bool | None = None, largest_component: bool | None = None, precision: str | None = None) -> None:
-        """Settings left as None come from the model's own config (`predict.*`, as trained or set with --set)."""
+                 tta: bool | None = None, largest_component: bool | None = None, precision: str | None = None,
+                 members: list[nn.Module] | None = None, profile: dict[str, Any] | None = None,
+                 threshold: float | None = None) -> None:
+        """Settings left as None come from the model's own config (`predict.*`, as trained or set with --set).
+
+        `members`: the networks of an ensemble (their probabilities are averaged; `model` is the first). `profile` (the
+        run's scan_profile.json) enables the out-of-distribution check; `threshold` is the confidence below which a
+        case is flagged (DEFAULT_THRESHOLD when None).
+        """
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.members = [m.to(self.device).eval() for m in (members or [model])]
+        self.model = self.members[0]
+        self.profile = profile
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
         self.plan, self.config = plan, config
         wanted = config.predict
         self.overlap = wanted.overlap if overlap is None else float(overlap)
@@ -77,10 +111,13 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "auto", *, overlap: float | None = None,
                         tta: bool | None = None, largest_component: bool | None = None,
                         precision: str | None = None) -> Predictor:
-        """Rebuild the network, plan and config stored in a checkpoint (or a run folder's best one)."""
-        model, plan, config = load_checkpoint(resolve_checkpoint(path))
-        return cls(model, plan, config, device=device, overlap=overlap, tta=tta, largest_component=largest_component,
-                   precision=precision)
+        """Rebuild the network, plan and config stored in a checkpoint (or a run folder's best one), or every fold of a
+        k-fold ensemble run; the run's scan profile and confidence threshold come along where it has them."""
+        models, plan, config, run = load_models(resolve_checkpoint(path))
+        profile = run.read_optional_json(run.PROFILE) if run else None
+        threshold = (run.read_optional_json(run.CONFIDENCE) or {}).get("threshold") if run else None
+        return cls(models[0], plan, config, device=device, overlap=overlap, tta=tta, largest_component=largest_component,
+                   precision=precision, members=models, profile=profile, threshold=threshold)
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -116,8 +153,10 @@ class Predictor:
         canonical = canonical_grid(geometry)
         net = float(np.prod(resampled_shape(canonical.shape, canonical.spacing, self.plan.spacing)))
         k, c = int(self.config.model.out_channels), int(self.plan.channels)
-        copies = 2 if self.tta else 1
+        copies = (2 if self.tta else 1) + (1 if len(self.members) > 1 else 0)
         slab = min(4.0 * k * net * copies, 3.0 * SLAB_BYTES * copies)
+        if self.config.model.padding == "valid":  # not slabbed: logits, their blend weights and probabilities, whole
+            slab = 3 * 4.0 * k * net * copies
         return int(4 * c * (voxels + net) + 3 * (voxels + net) + slab + 2 * probability_bytes * k * voxels)
 
     def _check_memory(self, geometry: Geometry, probability_bytes: int) -> None:
@@ -131,40 +170,42 @@ class Predictor:
                              f"{have / 2**30:.1f} GB is available; free memory, leave out --save-probabilities/--tta, "
                              "or use a machine with more memory")
 
-    def _canonical_probabilities(self, channels: list[np.ndarray], geometry: Geometry,
-                                 probabilities: type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _canonical_probabilities(self, channels: list[np.ndarray], geometry: Geometry, probabilities: type | None = None,
+                                 stats: ConfidenceStats | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(labels, probabilities of dtype `probabilities` or None) on the canonical source grid, as numpy arrays.
 
-        Streamed slab by slab (`segment.engine.stream`): never K x voxels floats at either resolution, so memory
-        is bounded by the label map (plus the probabilities only when asked for them).
+        Streamed slab by slab (`segment.inference.ensemble`, on `segment.engine.stream`): never K x voxels floats at
+        either resolution, so memory is bounded by the label map (plus the probabilities only when asked for them).
+        An ensemble's members are averaged slab by slab; `stats` collects the confidence score.
         """
         self._check_input(channels, geometry)
         self._check_memory(geometry, np.dtype(probabilities).itemsize if probabilities is not None else 0)
         x = prepare_image(channels, geometry, self.plan)[None].to(self.device)
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with torch.inference_mode(), autocast:
-            return predict_canonical_labels(
-                self.model, x, self.plan, canonical_grid(geometry).shape, overlap=self.overlap,
+            return ensemble_canonical_labels(
+                self.members, x, self.plan, canonical_grid(geometry).shape, overlap=self.overlap,
                 sw_batch_size=self.config.predict.sw_batch_size, blend=self.config.predict.blend, tta=self.tta,
                 mirror_axes=self.plan.tta_axes(), want_probabilities=probabilities is not None,
-                probability_dtype=probabilities or np.uint8,
+                probability_dtype=probabilities or np.uint8, stats=stats,
             )
 
-    def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry) -> np.ndarray:
+    def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry,
+                              stats: ConfidenceStats | None = None) -> np.ndarray:
         """Class probabilities (K, *geometry.shape) in float32 on the scan's own grid (K x voxels: for evaluation)."""
-        _, probs = self._canonical_probabilities([np.asarray(c) for c in channels], geometry, np.float32)
+        _, probs = self._canonical_probabilities([np.asarray(c) for c in channels], geometry, np.float32, stats)
         assert probs is not None
         return to_source_grid(probs, geometry)
 
-    def predict_labels(self, channels: list[np.ndarray], geometry: Geometry,
-                       keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict_labels(self, channels: list[np.ndarray], geometry: Geometry, keep_probabilities: bool = False,
+                       stats: ConfidenceStats | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Label map on the scan's own grid (uint8; int16 from 256 classes) and, if asked, its probabilities.
 
         The probabilities (K, *geometry.shape) are uint8 scaled to 0..255: p = value / 255 (a quarter of the float32
         size; the label map itself is computed from the unrounded values).
         """
         labels, probs = self._canonical_probabilities([np.asarray(c) for c in channels], geometry,
-                                                      np.uint8 if keep_probabilities else None)
+                                                      np.uint8 if keep_probabilities else None, stats)
         labels = to_source_grid(labels, geometry)
         if self.largest_component:
             labels = keep_largest_components(labels)
@@ -198,7 +239,9 @@ class Predictor:
             seg_headers = seg_source(paths[0], series)  # what a SEG needs in the headers: refused before compute
         t0 = time.perf_counter()
         case = read_case(paths, expected_channels=self.plan.channels, series=series)
-        labels, probs = self.predict_labels(case.channels, case.geometry, keep_probabilities=probabilities is not None)
+        stats = ConfidenceStats()
+        labels, probs = self.predict_labels(case.channels, case.geometry, keep_probabilities=probabilities is not None,
+                                            stats=stats)
         # class indices -> the dataset's own label values (3, not 2, when dataset.json declares 0, 1, 3)
         written = (write_label(decode_labels(labels, self.plan), case.geometry, out, overwrite=overwrite, inputs=paths)
                    if out is not None else None)
@@ -220,6 +263,8 @@ class Predictor:
             "case": paths[0].name, "output": str(written if written is not None else seg_written), "seconds": seconds,
             "voxels_per_s": float(np.prod(case.geometry.shape)) / max(seconds, 1e-9),
             "volumes_ml": label_volumes(labels, case.geometry, names),
+            "confidence": stats.score(), "threshold": self.threshold,
+            "ood": ood_reasons(self.profile, case.channels, case.geometry), "members": len(self.members),
         }
         if seg_written is not None:
             result["dicom_seg"] = str(seg_written)

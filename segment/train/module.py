@@ -52,15 +52,22 @@ class SegmentationModule(pl.LightningModule):
     def _supervised_loss(self, outputs: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         """Deep supervision: weights halve per level (nnU-Net style), targets downsampled by nearest neighbour.
 
-        Not MONAI's `DeepSupervisionLoss`: it resizes the whole target to each head's size, while a valid-padded head
-        sees only the centre region of the main output, so its target must be center-cropped first (tests/test_losses.py).
+        `label` covers the input patch. Each head is compared only with the label of the region it predicts, cut from
+        the centre (valid padding: the output is the input less the margin, centred on it; the extra voxel of an odd
+        margin is dropped at the end, as the network's own skip crops and the tiler do), never resized from a larger
+        region. Not MONAI's `DeepSupervisionLoss`: it resizes the whole target to each head's size
+        (tests/test_losses.py, tests/test_valid_mode.py).
         """
         weights = [0.5**i for i in range(len(outputs))]
         total = sum(weights)
         loss = outputs[0].new_zeros(())
+        scale = [1] * (label.dim() - 2)  # per axis, how many input voxels one voxel of head `level` spans
+        strides = self.cfg.model.stride_list()
         for level, (w, out) in enumerate(zip(weights, outputs)):
-            # head `level` sees the region of the main output at 1/2**level resolution
-            region = [min(n * 2**level, m) for n, m in zip(out.shape[2:], label.shape[2:])]
+            if level:  # the level's per-axis stride (2 for outputs beyond the configured net, as in the loss tests)
+                step = strides[level - 1] if level - 1 < len(strides) else [2] * len(scale)
+                scale = [f * s for f, s in zip(scale, step)]
+            region = [min(n * f, m) for n, f, m in zip(out.shape[2:], scale, label.shape[2:])]
             target = center_crop(label, region)
             if tuple(target.shape[2:]) != tuple(out.shape[2:]):
                 target = torch.nn.functional.interpolate(target.float(), size=out.shape[2:], mode="nearest").long()
@@ -108,7 +115,7 @@ class SegmentationModule(pl.LightningModule):
             batch = batch.load()
         image = batch["image"].to(self.device)
         label = batch["label"].to(self.device)
-        logits = sliding_logits(
+        logits = sliding_logits(  # valid padding: overlap-tile (segment.engine.tiler)
             self.model, image, self.plan.patch_size, overlap=self.cfg.train.val_overlap,
             sw_batch_size=self.cfg.predict.sw_batch_size,
         )

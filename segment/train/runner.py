@@ -17,11 +17,12 @@ from rich.table import Table
 
 from segment.config import Config, parse_duration, validate
 from segment.data.pipeline import check_split, make_loaders, make_split
-from segment.data.plan import Plan, make_plan
+from segment.data.plan import Plan
 from segment.device import cpu_bf16_speedup, global_rank, training_accelerator, training_precision
 from segment.errors import InputError
 from segment.io.dataset import Dataset, discover
 from segment.run_folder import RunFolder, read_checkpoint
+from segment.train.plan_valid import plan_run
 from segment.train.resume import RunState, clock, resumed_config
 
 console = Console(stderr=True)
@@ -120,6 +121,7 @@ def plan_table(plan: Plan, precision: str, accelerator: str, seed: int | None = 
         ("modality", plan.modality + (f" ({plan.modality_source})" if plan.modality_source else "")),
         ("spacing (mm)", plan.spacing), ("median shape", plan.median_shape),
         ("patch", plan.patch_size), ("batch", plan.batch_size), ("features", plan.features),
+        *([("output (valid padding) / margin", f"{plan.output_size} / {plan.output_margins()}")] if plan.output_size else []),
         *([("strides / kernels", f"{plan.strides} / {plan.kernels}")] if plan.strides or plan.kernels else []),
         ("mirrored axes", plan.tta_axes() or "none"),
         ("device", accelerator), ("precision", precision), *([("seed", seed)] if seed is not None else []),
@@ -151,14 +153,17 @@ def _setup_run(cfg: Config, run: RunFolder, resume: bool, accelerator: str, plan
     dataset = _checked_dataset(cfg, run)
     fp: dict = {}
     if plan is None:
-        plan, fp = make_plan(dataset, cfg, device=accelerator)
+        plan, fp = plan_run(dataset, cfg, device=accelerator)  # make_plan, for valid padding made valid
         _warn_ordered_axes(fp.get("ordered_axes", {}), plan)
     cfg = _apply_plan(cfg, plan)
     if _rank_zero():
+        from segment.inference.confidence import dataset_profile
+
         run.write_plan(plan)
         if fp:
             run.write_fingerprint(fp)
         run.write_config(cfg)
+        run.write_json(run.PROFILE, dataset_profile(dataset))  # for predict's out-of-distribution check
     return cfg, plan, dataset
 
 

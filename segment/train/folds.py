@@ -1,0 +1,121 @@
+"""`segment train --folds K`: K models on disjoint validation folds, planned once, in one run folder.
+
+    RUN/ensemble.json, plan.json, config.yaml, fingerprint.json, scan_profile.json, fold_0/ ... fold_K-1/
+
+Each fold is a normal run folder (`segment.train.runner.train` with the shared plan and fold k's split), so it can be
+predicted, evaluated or resumed on its own. The folds run one after another; each uses the configured devices (all
+GPUs through Lightning's strategy when several are given). A time budget (`train.max_time`) is the total for all
+folds, split evenly. The cross-validation table and the confidence threshold come after training
+(`segment.experiments.crossval`, which also needs the evaluation metrics).
+
+Resume (`--resume -o RUN`): finished folds (summary.json written) are left untouched; a fold with a last checkpoint
+continues from it; a fold not started yet starts. A fold interrupted before its first checkpoint is one line asking
+to delete that fold folder.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from segment.config import Config, parse_duration, validate
+from segment.data.pipeline import make_split
+from segment.data.plan import make_plan
+from segment.device import global_rank, training_accelerator
+from segment.errors import ConfigError, InputError
+from segment.run_folder import RunFolder
+from segment.train.runner import TrainResult, _apply_plan, _warn_ordered_axes, load_dataset, train
+
+console = Console(stderr=True)
+
+
+@dataclass
+class FoldsResult:
+    run_dir: Path
+    folds: list[TrainResult] = field(default_factory=list)  # the folds trained (or continued) by this call
+    seconds: float = 0.0
+
+
+def check_folds(folds: int, cases: int, source: str = "--folds") -> None:
+    """k-fold needs 2 <= K <= cases: every fold validates on at least one case and trains on the rest."""
+    if folds < 2:
+        raise ConfigError(f"{source} {folds}: k-fold training needs at least 2 folds (leave out --folds to train one model)")
+    if folds > cases:
+        raise InputError(f"{source} {folds}: more folds than the {cases} usable case(s) of the dataset; each fold "
+                         f"validates on at least one case, so use --folds {cases} or fewer")
+
+
+def fold_config(cfg: Config, folds: int, fold: int, per_fold_s: float | None) -> Config:
+    """Fold `fold`'s config: the k-fold split index and its share of the time budget."""
+    raw = cfg.model_dump(mode="json")
+    raw["data"].update(folds=folds, fold=fold)
+    if per_fold_s is not None:
+        raw["train"]["max_time"] = f"{max(1, math.ceil(per_fold_s))}s"
+    return validate(raw, f"fold {fold} config")
+
+
+def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: bool = False) -> FoldsResult:
+    """Train K fold models into one ensemble run folder; returns each fold's result."""
+    if cfg.data.fold is not None:
+        raise ConfigError(f"--folds {folds} trains every fold; leave out --fold / data.fold={cfg.data.fold}")
+    name = (Path(cfg.data.root).name if cfg.data.root else "demo") + time.strftime("-%Y%m%d-%H%M%S") + f"-{folds}fold"
+    root = RunFolder(Path(output) if output else Path("runs") / name)
+    writer = global_rank() == 0
+    if resume:  # the run's own config and plan; the folds' own configs (and budgets) when they continue
+        if not root.is_ensemble():
+            raise InputError(f"{root.path}: nothing to resume as a k-fold run (no {root.ENSEMBLE})")
+        saved = root.read_ensemble()["folds"]
+        if int(saved) != folds:
+            raise ConfigError(f"--folds {folds}: {root.path} was started with {saved} folds; resume it with --folds {saved}")
+        cfg = root.read_config()
+    elif writer and root.path.exists() and (not root.path.is_dir() or any(root.path.iterdir())):
+        root.create(resume=False)  # the one-line refusal of a non-empty folder, before the data is read
+    dataset = load_dataset(cfg)
+    check_folds(folds, len(dataset.cases))
+    if resume:
+        plan = root.read_plan()
+    else:
+        root.create(resume=False, writer=writer)
+        plan, fp = make_plan(dataset, cfg, device=training_accelerator(cfg.train.accelerator))
+        _warn_ordered_axes(fp.get("ordered_axes", {}), plan)
+        cfg = _apply_plan(cfg, plan)
+        if writer:
+            from segment.inference.confidence import dataset_profile
+
+            root.write_plan(plan)
+            root.write_fingerprint(fp)
+            root.write_config(cfg)
+            root.write_json(root.PROFILE, dataset_profile(dataset))
+            root.write_ensemble(folds, [root.fold(k).path.name for k in range(folds)], complete=False)
+    total_s = parse_duration(cfg.train.max_time)
+    per_fold = total_s / folds if total_s is not None else None
+    console.print(f"[bold]{folds}-fold training[/] into {root.path}: "
+                  + (f"time budget {total_s / 60:.1f} min in total, {per_fold / 60:.1f} min per fold"
+                     if total_s is not None and per_fold is not None else "no time budget (train.max_time)"))
+    names = [c.name for c in dataset.cases]
+    result = FoldsResult(root.path)
+    t0 = time.monotonic()
+    for k in range(folds):
+        fold = root.fold(k)
+        split = make_split(names, cfg.seed, cfg.data.val_fraction, folds, k)
+        fcfg = fold_config(cfg, folds, k, per_fold)
+        if fold.read_summary() is not None and fold.checkpoints():
+            console.print(f"fold {k}: finished earlier, kept as it is")
+            continue
+        if resume and fold.can_resume():
+            console.print(f"fold {k}: continuing from {fold.last_checkpoint}")
+            result.folds.append(train(fcfg, output=fold.path, resume=True))
+            continue
+        if fold.path.exists() and any(fold.path.iterdir()):
+            raise InputError(f"{fold.path}: fold {k} was interrupted before its first checkpoint; delete this folder "
+                             f"and run again with --resume -o {root.path}")
+        console.print(f"[bold]fold {k + 1} of {folds}[/]: {len(split['val'])} validation case(s)")
+        result.folds.append(train(fcfg, output=fold.path, plan=plan, split=split))
+    if writer:
+        root.write_ensemble(folds, [root.fold(k).path.name for k in range(folds)], complete=True)
+    result.seconds = time.monotonic() - t0
+    return result
