@@ -143,7 +143,16 @@ def train(
 
     # on --resume only what was given explicitly (--set, options) changes the run's own config
     given = {**parse_overrides(list(set_ or [])), **_given(flags)} if resume else None
-    run_train(cfg, output=output, resume=resume, split=read_split_file(split) if split else None, given=given)
+    result = run_train(cfg, output=output, resume=resume, split=read_split_file(split) if split else None, given=given)
+    from segment.device import global_rank
+
+    if global_rank() == 0 and result is not None and result.last_checkpoint is not None:
+        from segment.data.demo import ensure_demo_dataset
+        from segment.experiments.crossval import calibrate_run
+        from segment.io.dataset import discover
+
+        root = RunFolder(result.run_dir).read_config().data.root or ensure_demo_dataset()
+        calibrate_run(result.run_dir, discover(root, check=False))  # cases were checked before training
 
 
 @app.command()

@@ -13,7 +13,8 @@ another site sends is data, not a program.
       logs/              Lightning CSV logs (logs/resumeN/ for each resumed part), tensorboard/
       metrics.csv, curves.png, summary.json
       scan_profile.json  raw intensity percentiles, spacing and extent of the training scans (out-of-distribution check)
-      confidence.json    the "check this case" threshold chosen on the validation cases (k-fold runs)
+      confidence.json    the "check this case" threshold chosen on the validation cases
+      val_cases.csv      a single run's validation cases as predict writes them: Dice, HD95, NSD, confidence
 
     A k-fold run (`segment train --folds K`) is a folder of K normal run folders plus what they share:
 
@@ -66,6 +67,7 @@ class RunFolder:
     CHECKPOINTS, LOGS, TENSORBOARD = "checkpoints", "logs", "tensorboard"
     BEST, LAST = "best", "last"  # checkpoint stems, as Lightning's ModelCheckpoint wants them
     ENSEMBLE, CV_TABLE, CV_CASES = "ensemble.json", "cv.csv", "cv_cases.csv"
+    VAL_CASES = "val_cases.csv"  # a single run's validation cases scored as predict writes them (confidence threshold)
     PROFILE, CONFIDENCE = "scan_profile.json", "confidence.json"
     FOLD_PREFIX = "fold_"
 

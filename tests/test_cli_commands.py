@@ -114,6 +114,19 @@ def test_train_writes_checkpoints_and_a_summary_of_two_steps(tiny_data: Path, tm
     assert json.loads((out / "plan.json").read_text())["patch_size"] == [24, 24, 24]
     assert load_config(out / "config.yaml").model.features == [4, 8, 16]
 
+    # the validation cases scored as predict writes them, and the "check this case" threshold chosen on them
+    import csv
+
+    import numpy as np
+
+    rows = list(csv.DictReader((out / "val_cases.csv").open()))
+    assert sorted(r["case"] for r in rows) == sorted(json.loads((out / "split.json").read_text())["val"])
+    scores = [float(r["confidence"]) for r in rows]
+    assert all(0.0 <= v <= 1.0 for v in scores)
+    chosen = json.loads((out / "confidence.json").read_text())
+    assert chosen["threshold"] == pytest.approx(float(np.quantile(scores, chosen["quantile"])), abs=1e-4)
+    assert chosen["cases"] == len(rows)
+
 
 # ---- ablate -------------------------------------------------------------------------------------------------------
 ABLATE = ["model.features=[4,8]", "data.patch_size=[24,24,24]", "data.batch_size=2", "train.steps_per_epoch=2",

@@ -35,16 +35,21 @@ def _nanmean(values: list[float]) -> float:
 
 def score_fold(run: RunFolder, fold: int, dataset: Any, device: str = "auto") -> list[dict[str, Any]]:
     """One row per validation case of a fold: mean foreground Dice, HD95, NSD and the confidence score."""
+    return score_validation(run.fold(fold), dataset, device, fold=fold)
+
+
+def score_validation(member: RunFolder, dataset: Any, device: str = "auto", fold: int = 0) -> list[dict[str, Any]]:
+    """One row per validation case of one trained run (a fold, or a plain run: fold 0), predicted as `segment predict`
+    would from the run's chosen checkpoint: mean foreground Dice, HD95, NSD and the confidence score."""
     from segment.evaluation.evaluate import class_names, read_case_arrays
     from segment.evaluation.metrics import case_metrics
     from segment.data.labels import encode_labels
     from segment.inference.confidence import ConfidenceStats
     from segment.inference.predictor import Predictor
 
-    member = run.fold(fold)
     split = member.read_split()
     if split is None:
-        raise InputError(f"{member.path}: no {member.SPLIT}; not a fold of a k-fold run")
+        raise InputError(f"{member.path}: no {member.SPLIT}; not a training run folder")
     predictor = Predictor.from_checkpoint(member.path, device)
     classes = class_names(predictor)
     cfg = predictor.config.evaluate
@@ -106,6 +111,26 @@ def cross_validate(run_dir: Path, dataset: Any, device: str = "auto") -> tuple[l
         console.print(f"confidence threshold {threshold:.3f} (the worst {FLAG_QUANTILE:.0%} of the validation cases "
                       f"lie below it) -> {run / run.CONFIDENCE}; table: {run / run.CV_TABLE}")
     return table, threshold
+
+
+def calibrate_run(run_dir: Path, dataset: Any, device: str = "auto") -> float | None:
+    """After `segment train` (one model): score its validation cases as `segment predict` would, write val_cases.csv
+    and the "check this case" threshold (confidence.json) that `segment predict -m RUN` then uses."""
+    from segment.inference.confidence import FLAG_QUANTILE, choose_threshold
+
+    run = RunFolder(run_dir)
+    console.print("scoring the validation cases in their own geometry for the confidence threshold ...")
+    rows = score_validation(run, dataset, device)
+    _write_csv(rows, run / run.VAL_CASES, ["fold", "case", *COLUMNS])
+    threshold = choose_threshold([r["confidence"] for r in rows])
+    run.write_json(run.CONFIDENCE, {"threshold": threshold, "quantile": FLAG_QUANTILE, "cases": len(rows),
+                                    "chosen_on": f"the run's validation cases ({run.VAL_CASES})"})
+    mean = {m: _nanmean([r[m] for r in rows]) for m in COLUMNS}
+    console.print(f"validation cases ({len(rows)}, last/best checkpoint as predict uses it): Dice {mean['dice']:.3f}, "
+                  f"HD95 {mean['hd95']:.2f} mm, NSD {mean['nsd']:.3f}" + (
+                      f"; confidence threshold {threshold:.3f} (the worst {FLAG_QUANTILE:.0%} lie below it) -> "
+                      f"{run / run.CONFIDENCE}" if threshold is not None else ""))
+    return threshold
 
 
 def run_folds(cfg: Config, folds: int, output: Path | None = None, resume: bool = False,
