@@ -13,9 +13,8 @@ import torch
 
 from segment.config import Config, ModelConfig
 from segment.data.plan import Plan
-from segment.inference.confidence import (
-    DEFAULT_THRESHOLD, ConfidenceStats, choose_threshold, flag_text, ood_reasons, scan_profile, score_probabilities,
-)
+from segment.data.profile import ood_reasons, scan_profile
+from segment.inference.confidence import DEFAULT_THRESHOLD, ConfidenceStats, choose_threshold, flag_text, score_probabilities
 from segment.inference.predictor import Predictor
 from segment.io.geometry import Geometry
 from tests.fixed_nets import FixedConv

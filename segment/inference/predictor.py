@@ -22,7 +22,8 @@ from segment.data.plan import Plan
 from segment.data.preprocess import prepare_image, to_source_grid
 from segment.device import available_memory_bytes, inference_dtype, resolve_device
 from segment.errors import GeometryError, InputError
-from segment.inference.confidence import DEFAULT_THRESHOLD, ConfidenceStats, ood_reasons
+from segment.data.profile import ood_reasons
+from segment.inference.confidence import DEFAULT_THRESHOLD, ConfidenceStats
 from segment.inference.ensemble import ensemble_canonical_labels
 from segment.io.case import read_case
 from segment.io.geometry import Geometry, canonical_grid, resampled_shape

@@ -84,7 +84,7 @@ def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: boo
         _warn_ordered_axes(fp.get("ordered_axes", {}), plan)
         cfg = _apply_plan(cfg, plan)
         if writer:
-            from segment.inference.confidence import dataset_profile
+            from segment.data.profile import dataset_profile
 
             root.write_plan(plan)
             root.write_fingerprint(fp)

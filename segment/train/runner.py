@@ -157,7 +157,7 @@ def _setup_run(cfg: Config, run: RunFolder, resume: bool, accelerator: str, plan
         _warn_ordered_axes(fp.get("ordered_axes", {}), plan)
     cfg = _apply_plan(cfg, plan)
     if _rank_zero():
-        from segment.inference.confidence import dataset_profile
+        from segment.data.profile import dataset_profile
 
         run.write_plan(plan)
         if fp:
