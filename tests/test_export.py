@@ -24,6 +24,10 @@ from tests.test_predict_cli import _scan, make_checkpoint
 
 runner = CliRunner()
 PACKAGE = ("model.safetensors", "model.json", "model_card.md", "model.onnx")
+PROFILE = {"cases": 3, "percentiles_q": [1.0, 50.0, 99.0],  # segment.data.profile.scan_profile's form
+           "percentiles": {"min": [0.0, 40.0, 90.0], "max": [2.0, 60.0, 110.0]},
+           "spacing": {"min": [1.0, 1.0, 1.0], "max": [1.0, 1.0, 1.0]},
+           "extent_mm": {"min": [32.0, 32.0, 16.0], "max": [32.0, 32.0, 16.0]}}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     (root / "run" / "summary.json").write_text(json.dumps({
         "steps": 12, "seconds": 3.5, "val_dice": {"val_dice_organ1": 0.625, "val_dice_organ2": 0.5},
         "best_val_dice_mean": 0.5625, "best_checkpoint": "/somewhere/private/best.ckpt"}))
+    (root / "run" / "confidence.json").write_text(json.dumps({"threshold": 0.6875, "quantile": 0.1, "cases": 1}))
+    (root / "run" / "scan_profile.json").write_text(json.dumps(PROFILE))
     result = runner.invoke(app, ["export", str(root / "run"), "-o", str(root / "pkg"), "--license", "CC-BY-4.0"])
     assert result.exit_code == 0, result.output
     return ckpt, root / "pkg"
@@ -68,6 +74,11 @@ def test_package_files_and_model_json_round_trip(exported: tuple[Path, Path]) ->
     assert meta["intended_use"] == "research use; not a medical device" and meta["license"] == "CC-BY-4.0"
     assert meta["training"]["split"] == {"train": 3, "val": 1}
     assert "best_checkpoint" not in meta["training"]["summary"]  # a local path is not shared
+    # predict from the package flags as from the run: the same threshold and the same out-of-distribution profile
+    assert meta["training"]["confidence"]["threshold"] == 0.6875 and meta["training"]["scan_profile"] == PROFILE
+    from_pkg, from_run = Predictor.from_checkpoint(pkg, "cpu"), Predictor.from_checkpoint(ckpt.parent.parent, "cpu")
+    assert from_pkg.threshold == from_run.threshold == 0.6875
+    assert from_pkg.profile == from_run.profile == PROFILE
     card = (pkg / "model_card.md").read_text()
     for text in ("research use; not a medical device", "CC-BY-4.0", "3 training / 1 validation", "0.5625",
                  "val_dice_organ1", "| 2 | 2 | organ2 |", "[1.0, 1.0, 1.0] mm"):

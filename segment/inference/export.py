@@ -179,7 +179,19 @@ def run_info(source: Path | None) -> dict[str, Any]:
         summary = None
     if isinstance(summary, dict):
         info["summary"] = {k: v for k, v in summary.items() if k != "best_checkpoint"}  # a local path: not shared
+    # what `segment predict` flags with: the training scans' profile (out-of-distribution check) and the confidence
+    # threshold chosen on the validation cases; a package predicts with them as the run folder would
+    for key, name in (("scan_profile", run.PROFILE), ("confidence", run.CONFIDENCE)):
+        value = run.read_optional_json(name)
+        if value is not None:
+            info[key] = value
     return info
+
+
+def package_checks(path: str | Path) -> tuple[dict[str, Any] | None, float | None]:
+    """The scan profile and confidence threshold a package carries (None where its run had none)."""
+    training = read_manifest(path).get("training") or {}
+    return training.get("scan_profile"), (training.get("confidence") or {}).get("threshold")
 
 
 def manifest(model: nn.Module, plan: Plan, config: Config, *, source: Path | None = None,

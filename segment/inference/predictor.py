@@ -114,9 +114,14 @@ class Predictor:
                         precision: str | None = None) -> Predictor:
         """Rebuild the network, plan and config stored in a checkpoint (or a run folder's best one), or every fold of a
         k-fold ensemble run; the run's scan profile and confidence threshold come along where it has them."""
-        models, plan, config, run = load_models(resolve_checkpoint(path))
+        from segment.inference.export import is_package, package_checks
+
+        resolved = resolve_checkpoint(path)
+        models, plan, config, run = load_models(resolved)
         profile = run.read_optional_json(run.PROFILE) if run else None
         threshold = (run.read_optional_json(run.CONFIDENCE) or {}).get("threshold") if run else None
+        if run is None and is_package(resolved):
+            profile, threshold = package_checks(resolved)
         return cls(models[0], plan, config, device=device, overlap=overlap, tta=tta, largest_component=largest_component,
                    precision=precision, members=models, profile=profile, threshold=threshold)
 
