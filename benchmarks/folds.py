@@ -67,7 +67,8 @@ def score(model: Path, test: list[str], device: str) -> dict:
                for c in range(1, k)]
         dice.append(float(np.mean(per)))
         conf.append(stats.score())
-    return {"dice_mean": float(np.mean(dice)), "dice_std": float(np.std(dice)), "confidence_mean": float(np.mean(conf)),
+    return {"dice": dice, "confidence": conf,
+            "dice_mean": float(np.mean(dice)), "dice_std": float(np.std(dice)), "confidence_mean": float(np.mean(conf)),
             "members": len(predictor.members), "predict_s": round(time.monotonic() - t0, 1)}
 
 
@@ -105,6 +106,14 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<14} {r['members']:>7} {r['dice_mean']:>7.4f} ± {r['dice_std']:.3f} {r['confidence_mean']:>10.3f} "
               f"{r.get('train_s', '-'):>8} {r['predict_s']:>9}")
+    from segment.evaluation.stats import paired_bootstrap
+
+    ens = results[f"ensemble_{args.folds}"]
+    for ref in ("single", "fold_0_alone"):  # paired over the held-out cases
+        d = paired_bootstrap(np.array(results[ref]["dice"]), np.array(ens["dice"]))
+        results[f"ensemble_minus_{ref}"] = d
+        print(f"ensemble_{args.folds} - {ref}: Dice {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] (paired bootstrap, "
+              f"{d['n']} cases)")
     (args.out / f"folds-{stamp}.json").write_text(json.dumps({"budget": args.budget, "folds": args.folds,
                                                                "test": test, "results": results}, indent=1))
 
