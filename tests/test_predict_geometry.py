@@ -35,6 +35,35 @@ class ThresholdNet(nn.Module):
         return self.conv(x)
 
 
+class ValidThresholdNet(ThresholdNet):
+    """The same threshold as a valid-padded net: a 3x3x3 unpadded conv weighing only its centre, so the output is the
+    input less one voxel per side (margin 2) and overlap-tile must put every output voxel back on its input voxel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = SimpleNamespace(padding="valid")
+        self.conv = nn.Conv3d(1, 2, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, 0, 1, 1, 1] = torch.tensor([-1.0, 1.0])
+            self.conv.bias.copy_(torch.tensor([THRESHOLD, -THRESHOLD]))
+
+    def size_multiples(self) -> tuple[int, ...]:
+        return (1, 1, 1)
+
+    def min_input_sizes(self) -> tuple[int, ...]:
+        return (3, 3, 3)
+
+    def output_margins(self) -> tuple[int, ...]:
+        return (2, 2, 2)
+
+    def output_size(self, size) -> tuple[int, ...]:
+        return tuple(int(n) - 2 for n in size)
+
+    def input_size_for(self, size) -> tuple[int, ...]:
+        return tuple(int(n) + 2 for n in size)
+
+
 def _rotation(deg: float) -> np.ndarray:
     a, b = np.deg2rad(deg), np.deg2rad(deg / 2)
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
@@ -64,9 +93,10 @@ def _plan(spacing: list[float], patch: list[int] | None = None) -> Plan:
                 channels=1, labels={0: "background", 1: "bright"}, ct_clip=[-1e4, 1e4], ct_mean=0.0, ct_std=1.0)
 
 
-def _predictor(plan: Plan, **kwargs: object) -> Predictor:
-    cfg = Config(model=ModelConfig(out_channels=2, features=[4, 8]))
-    return Predictor(ThresholdNet(), plan, cfg, device="cpu", precision="32", **kwargs)
+def _predictor(plan: Plan, padding: str = "same", **kwargs: object) -> Predictor:
+    cfg = Config(model=ModelConfig(out_channels=2, features=[4, 8], padding=padding))
+    net = ValidThresholdNet() if padding == "valid" else ThresholdNet()
+    return Predictor(net, plan, cfg, device="cpu", precision="32", **kwargs)
 
 
 def _canonical_spacing(geometry: Geometry) -> list[float]:
@@ -82,24 +112,26 @@ def _ellipsoid(shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray
     return np.where(inside, 100.0, 0.0).astype(np.float32)
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
 @pytest.mark.parametrize("name", list(DIRECTIONS))
-def test_labels_land_on_the_same_voxels_without_resampling(name: str) -> None:
+def test_labels_land_on_the_same_voxels_without_resampling(name: str, padding: str) -> None:
     spacing = (0.8, 1.0, 2.5)
     rng = np.random.default_rng(0)
     image = np.where(rng.random((21, 18, 11)) > 0.6, 100.0, 0.0).astype(np.float32)
     geometry = Geometry.from_affine(_affine(DIRECTIONS[name], spacing), image.shape, source=name)
-    predictor = _predictor(_plan(_canonical_spacing(geometry)))
+    predictor = _predictor(_plan(_canonical_spacing(geometry)), padding)
     labels, probs = predictor.predict_labels([image], geometry, keep_probabilities=True)
     assert labels.shape == geometry.shape and probs is not None and probs.shape == (2, *geometry.shape)
     np.testing.assert_array_equal(labels, (image > THRESHOLD).astype(np.uint8))
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
 @pytest.mark.parametrize("name", list(DIRECTIONS))
-def test_labels_land_on_the_same_voxels_with_resampling(name: str) -> None:
+def test_labels_land_on_the_same_voxels_with_resampling(name: str, padding: str) -> None:
     spacing = (0.8, 1.0, 2.5)
     image = _ellipsoid((40, 36, 16), spacing)
     geometry = Geometry.from_affine(_affine(DIRECTIONS[name], spacing), image.shape, source=name)
-    predictor = _predictor(_plan([1.5, 1.5, 1.5]))
+    predictor = _predictor(_plan([1.5, 1.5, 1.5]), padding)
     labels = predictor.predict_probabilities([image], geometry).argmax(0)
     truth = image > THRESHOLD
     dice = 2 * np.sum(labels.astype(bool) & truth) / (labels.astype(bool).sum() + truth.sum())
