@@ -11,7 +11,8 @@ import torch
 
 from segment.config import Config, DataConfig, validate
 from segment.data.pipeline import augmentations
-from segment.data.plan import Plan, label_centroids, make_plan, ordered_axes
+from segment.data.fingerprint import label_centroids, ordered_axes
+from segment.data.plan import Plan, make_plan
 from segment.errors import ConfigError
 from segment.engine.sliding import flip_sets, sliding_logits, softmax_probabilities
 from segment.io.dataset import discover

@@ -11,7 +11,8 @@ import pytest
 
 import segment.data.plan as plan_module
 from segment.config import Config, DataConfig
-from segment.data.plan import fingerprint, make_plan, plan_patch
+from segment.data.fingerprint import fingerprint
+from segment.data.plan import make_plan, plan_patch
 from segment.io.dataset import Case, Dataset
 
 CPU_BUDGET, CUDA_BUDGET = 64**3, 128**3  # 262,144 and 2,097,152 voxels
