@@ -248,7 +248,7 @@ def export(
     `segment predict -m PACKAGE` uses it as it is; nothing in it is a pickle.
     """
     from segment.inference.export import check_target, export_package, is_package
-    from segment.inference.predictor import load_checkpoint
+    from segment.inference.loading import load_checkpoint
     from segment.run_folder import resolve_checkpoint
 
     check_target(output, overwrite)  # before reading a large checkpoint

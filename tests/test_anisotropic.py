@@ -218,7 +218,7 @@ def test_receptive_field_per_axis_matches_gradient_support() -> None:
 
 
 def test_old_checkpoint_without_the_new_fields_builds_the_same_network(tmp_path: Path) -> None:
-    from segment.inference.predictor import load_checkpoint
+    from segment.inference.loading import load_checkpoint
 
     old_cfg = Config(model=ModelConfig(features=[4, 8, 16], out_channels=3)).model_dump(mode="json")
     for section, key in (("model", "strides"), ("model", "kernels"), ("data", "anisotropic")):

@@ -203,7 +203,7 @@ def test_the_package_does_not_carry_the_training_machines_paths(tmp_path: Path) 
 
     from segment.config import Config
     from segment.inference.export import manifest
-    from segment.inference.predictor import load_checkpoint
+    from segment.inference.loading import load_checkpoint
     from tests.test_predict_cli import make_checkpoint
 
     model, plan, config = load_checkpoint(make_checkpoint(tmp_path / "m.ckpt"))

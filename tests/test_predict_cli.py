@@ -15,8 +15,9 @@ from segment.config import Config, ModelConfig
 from segment.data.plan import Plan
 from segment.errors import InputError
 from segment.inference.batch import expand_inputs, group_numbered
-from segment.inference.predictor import Predictor, resolve_checkpoint
+from segment.inference.predictor import Predictor
 from segment.nets import build_model
+from segment.run_folder import resolve_checkpoint
 
 runner = CliRunner()
 

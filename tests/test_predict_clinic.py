@@ -230,7 +230,7 @@ def test_an_axis_nifti1_cannot_hold_is_written_as_nifti2(tmp_path: Path) -> None
 
 
 def test_volume_of_a_sheared_grid_uses_the_determinant() -> None:
-    from segment.inference.predictor import label_volumes
+    from segment.inference.postprocess import label_volumes
     from segment.io.geometry import Geometry
 
     affine = np.eye(4)

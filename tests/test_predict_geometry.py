@@ -14,7 +14,8 @@ from torch import nn
 from segment.config import Config, ModelConfig
 from segment.data.plan import Plan
 from segment.errors import GeometryError, InputError
-from segment.inference.predictor import Predictor, keep_largest_components
+from segment.inference.postprocess import keep_largest_components
+from segment.inference.predictor import Predictor
 from segment.io.image import Geometry, read_image, to_canonical
 
 THRESHOLD = 50.0

@@ -80,7 +80,8 @@ def predict_labels(predictor: Predictor, channels: list[np.ndarray], geometry: G
 
 def load_predictor(ckpt: Path, device: str = "auto") -> Predictor:
     """A Predictor with the checkpoint's own predict settings (overlap, precision, blending) from its config."""
-    from segment.inference.predictor import Predictor, load_checkpoint
+    from segment.inference.loading import load_checkpoint
+    from segment.inference.predictor import Predictor
 
     model, plan, config = load_checkpoint(ckpt)
     return Predictor(model, plan, config, device=device)  # None settings: the checkpoint's own predict config

@@ -25,56 +25,12 @@ from segment.errors import GeometryError, InputError
 from segment.data.profile import ood_reasons
 from segment.inference.confidence import DEFAULT_THRESHOLD, ConfidenceStats
 from segment.inference.ensemble import ensemble_canonical_labels
+from segment.inference.loading import load_models
+from segment.inference.postprocess import keep_largest_components, label_volumes
 from segment.io.case import read_case
 from segment.io.geometry import Geometry, canonical_grid, resampled_shape
 from segment.io.nifti import check_target, nifti_geometry, to_nifti_image, write_image, write_label
-from segment.run_folder import RunFolder, read_checkpoint, resolve_checkpoint
-
-
-def load_checkpoint(path: Path) -> tuple[nn.Module, Plan, Config]:
-    """Network, plan and config from a checkpoint, read as data only (see `segment.run_folder.read_checkpoint`), or
-    from a model package folder (`segment export`: model.json + safetensors, see `segment.inference.export`)."""
-    from segment.inference.export import is_package, read_package
-    from segment.nets import build_model
-
-    if is_package(path):
-        return read_package(path)
-    if RunFolder(path).is_ensemble():
-        raise InputError(f"{path}: is a k-fold ensemble ({len(RunFolder(path).read_ensemble()['members'])} folds); this "
-                         f"needs one network: pass one fold's run folder (e.g. {Path(path) / 'fold_0'})")
-    ckpt = read_checkpoint(path)
-    try:
-        hp = ckpt["hyper_parameters"]
-        config, plan = Config.model_validate(hp["config"]), Plan.from_dict(hp["plan"])
-    except Exception as err:  # pydantic/KeyError/TypeError for a checkpoint of something else
-        raise InputError(f"{path}: not a segment checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    model = build_model(config.model)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise InputError(f"{path}: weights do not fit the network in its config ({str(err).splitlines()[0]})") from None
-    return model, plan, config
-
-
-def load_models(path: Path) -> tuple[list[nn.Module], Plan, Config, RunFolder | None]:
-    """The network(s) of a checkpoint, model package or k-fold ensemble run, their shared plan and config, and the run
-    folder whose scan_profile.json and confidence.json apply (None for a loose .ckpt or a package)."""
-    path = Path(path)
-    run = RunFolder(path)
-    if not run.is_ensemble():
-        model, plan, config = load_checkpoint(path)
-        return [model], plan, config, (RunFolder.of_checkpoint(path) if path.is_file() else None)
-    models, plan, config = [], None, None
-    for ckpt in run.member_checkpoints():
-        model, p, c = load_checkpoint(ckpt)
-        if plan is not None and p.to_dict() != plan.to_dict():
-            raise InputError(f"{ckpt}: its plan differs from the other folds of {path}; an ensemble's folds must share "
-                             "one plan (train them with segment train --folds)")
-        models.append(model)
-        plan, config = plan or p, config or c
-    assert plan is not None and config is not None
-    return models, plan, config, run
+from segment.run_folder import resolve_checkpoint
 
 
 class Predictor:
@@ -289,36 +245,6 @@ class Predictor:
             geometry = nifti_geometry(img, channels[0].shape, "<in-memory image>")
         labels = decode_labels(self.predict_labels(channels, geometry)[0], self.plan)
         return to_nifti_image(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16), geometry)
-
-
-def keep_largest_components(labels: np.ndarray) -> np.ndarray:
-    """Per class, keep only the largest 26-connected component; the rest becomes background.
-
-    Hand-written on scipy rather than MONAI's KeepLargestConnectedComponent: that one needs scikit-image or cuCIM for
-    its labelling, and works on one-hot or whole-volume masks; here each class is labelled inside its own bounding box
-    (`find_objects`), so 100+ classes on a 512x512xN CT cost about one pass over the volume, not one per class.
-    """
-    from scipy import ndimage
-
-    out = labels.copy()
-    structure = np.ones((3,) * labels.ndim, dtype=bool)
-    for value, box in enumerate(ndimage.find_objects(labels.astype(np.int32, copy=False)), start=1):
-        if box is None:
-            continue
-        components, n = ndimage.label(labels[box] == value, structure=structure)
-        if n > 1:
-            sizes = np.bincount(components.ravel())
-            sizes[0] = 0
-            region = out[box]
-            region[(components > 0) & (components != int(sizes.argmax()))] = 0
-    return out
-
-
-def label_volumes(labels: np.ndarray, geometry: Geometry, names: dict[int, str]) -> dict[str, float]:
-    """Volume in millilitres of every foreground class."""
-    voxel_ml = geometry.voxel_volume_mm3 / 1000.0  # |det|: right for oblique and sheared grids
-    counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(names))
-    return {names.get(i, f"class_{i}"): float(counts[i]) * voxel_ml for i in range(1, len(counts))}
 
 
 _CACHE: dict[tuple[str, str, bool], Predictor] = {}
