@@ -14,7 +14,7 @@ from segment.cli import app
 from segment.config import Config, ModelConfig
 from segment.data.plan import Plan
 from segment.errors import InputError
-from segment.inference.batch import expand_inputs, group_numbered
+from segment.inference.inputs import expand_inputs, group_numbered
 from segment.inference.predictor import Predictor
 from segment.nets import build_model
 from segment.run_folder import resolve_checkpoint

@@ -1,0 +1,167 @@
+"""What `segment predict` segments and where each result goes: files, folders, globs and DICOM folders become cases
+(numbered `_0000` files are channels only when the model has that many), and every case gets its output paths
+(`<case>_seg.nii.gz` / `_seg.dcm` beside the scan, in the -o folder, or -o FILE for one case). Our own earlier outputs
+are never taken as scans.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from segment.errors import InputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+OUTPUT_TAGS = ("_seg", "_probabilities")  # our own outputs, never treated as scans
+_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+
+
+@dataclass
+class ScanCase:
+    """One case to segment: its name (for output files) and its channel images (or one DICOM folder)."""
+
+    name: str
+    images: list[Path]
+    origin: Path  # where `scan_seg.nii.gz` goes when no -o is given
+
+    @property
+    def key(self) -> str:
+        return str(self.images[0])
+
+
+def _stem(path: Path) -> str | None:
+    for suffix in IMAGE_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def _is_output(stem: str) -> bool:
+    return stem.endswith(OUTPUT_TAGS)
+
+
+def group_numbered(files: list[Path], channels: int) -> tuple[list[ScanCase], str]:
+    """Files -> cases, and a sentence saying how numbered files were grouped.
+
+    `X_0000`, `X_0001`, ... of one folder are the channels of one case only when the model has that many channels and
+    the numbers run 0000..C-1; for a one-channel model (or numbers that do not fit) each file is a scan of its own —
+    `scan_0001` and `scan_0002` from a series export are two scans, not two channels.
+    """
+    cases: list[ScanCase] = []
+    grouped_any = separate_any = False
+    for folder in dict.fromkeys(f.parent for f in files):
+        members = [f for f in files if f.parent == folder]
+        by_base: dict[str, dict[int, Path]] = {}
+        for f in members:
+            m = _CHANNEL.match(_stem(f) or f.name)
+            if m and channels > 1:
+                by_base.setdefault(m.group(1), {})[int(m.group(2))] = f
+        for f in members:
+            m = _CHANNEL.match(_stem(f) or f.name)
+            group = by_base.get(m.group(1)) if m and channels > 1 else None
+            if group is not None and sorted(group) == list(range(channels)):
+                if f == group[0]:
+                    cases.append(ScanCase(m.group(1), [group[c] for c in range(channels)], folder))
+                    grouped_any = True
+            else:
+                cases.append(ScanCase(_stem(f) or f.name, [f], folder))
+                separate_any = separate_any or bool(m)
+    if grouped_any:
+        note = f"numbered files _0000.._{channels - 1:04d} grouped as the {channels} channels of one case"
+    elif separate_any:
+        note = (f"numbered files (_0000, _0001, ...) taken as separate scans: the model has {channels} channel(s)"
+                + ("" if channels == 1 else f" and their numbers do not run _0000.._{channels - 1:04d}"))
+    else:
+        note = ""
+    return cases, note
+
+
+def _from_folder(folder: Path) -> tuple[list[Path], list[ScanCase]]:
+    """Image files in a folder (not our outputs); a folder without any is taken as a DICOM series."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+                   and (s := _stem(f)) is not None and not _is_output(s))
+    if files:
+        return files, []
+    return [], [ScanCase(folder.name, [folder], folder.parent)]
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
+    """Files, folders, globs and DICOM folders -> (image files, DICOM folder cases, {input: problem})."""
+    files: list[Path] = []
+    cases: list[ScanCase] = []
+    problems: dict[str, str] = {}
+    for item in inputs:
+        matches = [Path(item)] if Path(item).exists() else [
+            Path(p) for p in sorted(glob.glob(item)) if not _is_output(_stem(Path(p)) or "")]  # skip earlier outputs
+        if not matches:
+            problems[item] = f"{item}: no such file or folder, and no file matches it as a pattern"
+        for path in matches:
+            if path.is_dir():
+                found, dicom = _from_folder(path)
+                files += found
+                cases += dicom
+            else:
+                files.append(path)
+    return list(dict.fromkeys(p.resolve() for p in files)), cases, problems
+
+
+FORMATS = ("nifti", "dicom-seg")
+_SUFFIX = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
+CONFIDENCE_CSV = "confidence.csv"
+
+
+class CaseOutputs(NamedTuple):
+    """Where one case's outputs go; None for an output not asked for."""
+
+    label: Path | None
+    probabilities: Path | None
+    dicom_seg: Path | None = None
+
+    def all(self) -> list[Path]:
+        return [p for p in self if p is not None]
+
+
+def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
+    """`--format nifti`, `dicom-seg` or `nifti,dicom-seg` -> the formats, in FORMATS order; anything else: one line."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    wanted = {item.strip().lower().replace("_", "-") for item in items if item.strip()}
+    unknown = sorted(wanted - set(FORMATS))
+    if unknown or not wanted:
+        raise InputError(f"--format {','.join(items) if not isinstance(text, str) else text}: expected "
+                         f"{' or '.join(FORMATS)}, or both separated by a comma (nifti,dicom-seg)")
+    return tuple(f for f in FORMATS if f in wanted)
+
+
+def output_paths(cases: list[ScanCase], output: Path | None, probabilities: bool,
+                 formats: Sequence[str] = ("nifti",)) -> dict[str, CaseOutputs]:
+    """Case key -> its outputs: beside the scan, in the -o folder, or -o FILE for one case.
+
+    Beside the scan or in a folder: `<case>_seg.nii.gz` and/or `<case>_seg.dcm`. With -o FILE (.nii, .nii.gz or
+    .dcm, of a format asked for) the other output takes FILE's base name with its own suffix.
+    """
+    lower = output.name.lower() if output is not None else ""
+    single = output is not None and lower.endswith((".nii", ".nii.gz", ".dcm"))
+    if single and len(cases) != 1:
+        raise InputError(f"-o {output}: a file name needs exactly one input case, got {len(cases)}; pass a folder")
+    if single and ("dicom-seg" if lower.endswith(".dcm") else "nifti") not in formats:
+        raise InputError(f"-o {output}: the file name does not fit --format {','.join(formats)}; name it "
+                         + " or ".join(f"*{_SUFFIX[f]}" for f in formats))
+    paths: dict[str, CaseOutputs] = {}
+    for case in cases:
+        if single:
+            assert output is not None
+            base = next(output.name[: -len(s)] for s in (".nii.gz", ".nii", ".dcm") if lower.endswith(s))
+            label = output if not lower.endswith(".dcm") else output.with_name(f"{base}.nii.gz")
+            seg = output if lower.endswith(".dcm") else output.with_name(f"{base}.dcm")
+            prob = output.with_name(f"{base}_probabilities.nii.gz")
+        else:
+            folder = output if output is not None else case.origin
+            label, seg = folder / f"{case.name}_seg.nii.gz", folder / f"{case.name}_seg.dcm"
+            prob = folder / f"{case.name}_probabilities.nii.gz"
+        paths[case.key] = CaseOutputs(label if "nifti" in formats else None, prob if probabilities else None,
+                                      seg if "dicom-seg" in formats else None)
+    return paths
