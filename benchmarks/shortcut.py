@@ -80,7 +80,7 @@ def main() -> None:
     from segment.evaluation.metrics import HIGHER_IS_BETTER, LABELS, METRICS
     from segment.evaluation.stats import paired_bootstrap, per_case_values
     from segment.train.plan_valid import plan_run
-    from segment.train.runner import load_dataset
+    from segment.train.setup import load_dataset
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     cfg = shared_config(args)

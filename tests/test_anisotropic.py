@@ -265,11 +265,11 @@ def test_model_info_shows_per_axis_strides_and_kernels() -> None:
 
 
 def test_runner_puts_the_planned_strides_into_the_model_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    from segment.train.runner import _apply_plan
+    from segment.train.setup import apply_plan
 
     _fake_fingerprint(monkeypatch, PROSTATE_SHAPES, PROSTATE_SPACINGS)
     plan, _ = make_plan(_dataset(3), ANISO, device="cpu")
-    cfg = _apply_plan(ANISO, plan)
+    cfg = apply_plan(ANISO, plan)
     assert cfg.model.strides == PROSTATE_STRIDES and cfg.model.kernels == PROSTATE_KERNELS
     assert cfg.model.features == plan.features
     # patch, batch and spacing live in the plan only; the config keeps the user's own (unset) values

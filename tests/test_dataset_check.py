@@ -15,7 +15,7 @@ from segment.config import load_config
 from segment.data.check import check_dataset, usable_cpus
 from segment.errors import InputError
 from segment.io.dataset import discover
-from segment.train.runner import load_dataset
+from segment.train.setup import load_dataset
 
 SHAPE = (12, 12, 12)
 GOOD = ["ok1", "ok2", "ok3"]

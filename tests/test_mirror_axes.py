@@ -108,13 +108,13 @@ def test_plans_written_before_mirror_axes_existed_mirror_every_axis() -> None:
 
 
 def test_training_notes_a_mirrored_axis_along_which_labels_are_ordered(capsys: pytest.CaptureFixture[str]) -> None:
-    from segment.train.runner import _warn_ordered_axes
+    from segment.train.setup import warn_ordered_axes
 
     plan = Plan(spacing=[1, 1, 1], patch_size=[16, 16, 16], batch_size=2, features=[4, 8], modality="mri", channels=1,
                 labels={0: "background", 1: "a", 2: "b"}, mirror_axes=[0, 1, 2])
-    _warn_ordered_axes({"1": "label 2 is after label 1 in 100% of cases"}, plan)
+    warn_ordered_axes({"1": "label 2 is after label 1 in 100% of cases"}, plan)
     err = capsys.readouterr().err
     assert "mirroring axis 1 (back-front)" in err and "mirror_axes" in err
     plan.mirror_axes = [0, 2]
-    _warn_ordered_axes({"1": "label 2 is after label 1 in 100% of cases"}, plan)
+    warn_ordered_axes({"1": "label 2 is after label 1 in 100% of cases"}, plan)
     assert capsys.readouterr().err == ""

@@ -224,7 +224,7 @@ def run_ablation(cfg: Config, output: Path | None = None, budget: str | None = N
     from segment.evaluation.metrics import write_csv
     from segment.evaluation.report import write_report
     from segment.train.plan_valid import plan_run
-    from segment.train.runner import load_dataset
+    from segment.train.setup import load_dataset
 
     parse_tokens(variants)  # a typo fails before the data are read
     seed_list = parse_seeds(seeds, cfg.seed)

@@ -137,7 +137,7 @@ def run_folds(cfg: Config, folds: int, output: Path | None = None, resume: bool 
               device: str = "auto") -> FoldsResult:
     """`segment train --folds K`: train the folds, then the cross-validation table and the confidence threshold."""
     from segment.device import global_rank
-    from segment.train.runner import load_dataset
+    from segment.train.setup import load_dataset
 
     result = train_folds(cfg, folds, output=output, resume=resume)
     run = RunFolder(result.run_dir)

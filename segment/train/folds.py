@@ -28,7 +28,8 @@ from segment.data.plan import make_plan
 from segment.device import global_rank, training_accelerator
 from segment.errors import ConfigError, InputError
 from segment.run_folder import RunFolder
-from segment.train.runner import TrainResult, _apply_plan, _warn_ordered_axes, load_dataset, train
+from segment.train.runner import TrainResult, train
+from segment.train.setup import apply_plan, load_dataset, warn_ordered_axes
 
 console = Console(stderr=True)
 
@@ -81,8 +82,8 @@ def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: boo
     else:
         root.create(resume=False, writer=writer)
         plan, fp = make_plan(dataset, cfg, device=training_accelerator(cfg.train.accelerator))
-        _warn_ordered_axes(fp.get("ordered_axes", {}), plan)
-        cfg = _apply_plan(cfg, plan)
+        warn_ordered_axes(fp.get("ordered_axes", {}), plan)
+        cfg = apply_plan(cfg, plan)
         if writer:
             from segment.data.profile import dataset_profile
 
