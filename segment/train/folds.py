@@ -24,10 +24,10 @@ from rich.console import Console
 
 from segment.config import Config, parse_duration, validate
 from segment.data.pipeline import make_split
-from segment.data.plan import make_plan
 from segment.device import global_rank, training_accelerator
 from segment.errors import ConfigError, InputError
 from segment.run_folder import RunFolder
+from segment.train.plan_valid import plan_run
 from segment.train.runner import TrainResult, train
 from segment.train.setup import apply_plan, load_dataset, warn_ordered_axes
 
@@ -81,7 +81,7 @@ def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: boo
         plan = root.read_plan()
     else:
         root.create(resume=False, writer=writer)
-        plan, fp = make_plan(dataset, cfg, device=training_accelerator(cfg.train.accelerator))
+        plan, fp = plan_run(dataset, cfg, device=training_accelerator(cfg.train.accelerator))  # valid padding too
         warn_ordered_axes(fp.get("ordered_axes", {}), plan)
         cfg = apply_plan(cfg, plan)
         if writer:
