@@ -16,7 +16,7 @@ that costs at most 1.5x the network time (50% overlap), and nothing when one sla
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,12 @@ from monai.data.utils import dense_patch_slices
 from torch import Tensor, nn
 
 from segment.data.plan import Plan
-from segment.engine.sliding import _weight_map, flip_sets, softmax_probabilities, window_batch
+from segment.engine.sliding import (
+    _weight_map,
+    flip_sets,
+    softmax_probabilities,
+    window_batch,
+)
 
 SLAB_BYTES = 512 * 2**20  # fp32 class scores held per slab (and per resampled chunk)
 
@@ -210,8 +215,12 @@ def slab_rows(k: int, grid: Sequence[int], roi: Sequence[int], axis: int, *, cop
     return rows // step * step if rows >= step else rows
 
 
+def _mean_into(total: Tensor | None, probs: Tensor) -> Tensor:
+    return probs if total is None else total.add_(probs)
+
+
 def predict_canonical_labels(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     x: Tensor,
     plan: Plan,
     out_shape: Sequence[int],
@@ -224,37 +233,58 @@ def predict_canonical_labels(
     slab_voxels: int | None = None,
     want_probabilities: bool = False,
     probability_dtype: type = np.uint8,
+    on_probabilities: Callable[[Tensor], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Labels on the canonical grid `out_shape` (uint8, int16 from 256 classes) for the network input x (1, C, *grid).
+    """Labels on the canonical grid `out_shape` (uint8, int16 from 256 classes) for the network input x (1, C, *grid),
+    from one network or the mean of several (the folds of a k-fold run, which share one plan).
 
-    With `want_probabilities`, also the probabilities (K, *out_shape) as uint8 (p = value / 255), or as
-    `probability_dtype` float32 where exact values are needed. Call under `torch.inference_mode()` (and autocast, if
-    any); resampling and argmax run in fp32 whatever the autocast.
+    With several members, every slab's softmax probabilities (after each member's own TTA mirrorings) are summed one
+    member at a time into one (K, *slab) buffer and divided by their number: memory is a single model's streamed
+    prediction plus one slab. `on_probabilities` sees every slab's (K, *slab) probabilities on the network grid (the
+    per-case confidence score is collected this way). With `want_probabilities`, also the probabilities
+    (K, *out_shape) as uint8 (p = value / 255), or as `probability_dtype` float32 where exact values are needed. Call
+    under `torch.inference_mode()` (and autocast, if any); resampling and argmax run in fp32 whatever the autocast.
     """
+    members = list(model) if isinstance(model, Sequence) else [model]
+    n = len(members)
     roi = tuple(int(p) for p in plan.patch_size)
-    grid = tuple(int(n) for n in x.shape[2:])
+    grid = tuple(int(v) for v in x.shape[2:])
     axis = int(np.argmax(grid))  # the longest axis: the thinnest cross-section, so the most rows per slab
     want = np.dtype(probability_dtype) if want_probabilities else None
     batch = window_batch(sw_batch_size, x.device)
-    if getattr(getattr(model, "cfg", None), "padding", "same") == "valid":
+    if any(getattr(getattr(m, "cfg", None), "padding", "same") == "valid" for m in members):
         # Valid-padded networks place their smaller outputs on their own tiling (segment.engine.tiler), which
         # this module does not slab yet: their probabilities come whole at network resolution (K x network grid),
-        # and only the resize to the scan's grid (the larger half) is streamed.
-        probs = softmax_probabilities(model, x, roi, overlap=overlap, sw_batch_size=batch, blend=blend, tta=tta,
-                                      mirror_axes=mirror_axes)
-        writer = CanonicalWriter(probs.shape[0], grid, out_shape, axis, probabilities=want)
+        # summed member by member, and only the resize to the scan's grid (the larger half) is streamed.
+        total: Tensor | None = None
+        for member in members:
+            total = _mean_into(total, softmax_probabilities(member, x, roi, overlap=overlap, sw_batch_size=batch,
+                                                            blend=blend, tta=tta, mirror_axes=mirror_axes).float())
+        assert total is not None
+        total = total.div_(n) if n > 1 else total
+        if on_probabilities is not None:
+            on_probabilities(total)
+        writer = CanonicalWriter(total.shape[0], grid, out_shape, axis, probabilities=want)
         with torch.autocast(x.device.type, enabled=False):
-            writer.add(probs.float(), 0)
+            writer.add(total, 0)
         return writer.labels, writer.probabilities
     flips = flip_sets(len(grid), mirror_axes) if tta else [()]
     grids = {tuple(d - 2 for d in f): window_corners(grid, roi, overlap, [d - 2 for d in f]) for f in flips}
-    k = num_classes(model, x, roi)
+    k = num_classes(members[0], x, roi)
     step = max(1, int(roi[axis] * (1 - overlap)))  # MONAI's window interval
-    rows = slab_rows(k, grid, roi, axis, copies=1 if len(grids) == 1 else 2, step=step, slab_voxels=slab_voxels)
+    copies = (1 if len(grids) == 1 else 2) + (1 if n > 1 else 0)  # the members' sum is one more slab
+    rows = slab_rows(k, grid, roi, axis, copies=copies, step=step, slab_voxels=slab_voxels)
     writer = CanonicalWriter(k, grid, out_shape, axis, probabilities=want)
     for lo in range(0, grid[axis], rows):
         hi = min(grid[axis], lo + rows)
-        probs = slab_probabilities(model, x, roi, grids, axis, lo, hi, sw_batch_size=batch, blend=blend)
+        probs: Tensor | None = None
+        for member in members:  # one member at a time into the running sum
+            probs = _mean_into(probs, slab_probabilities(member, x, roi, grids, axis, lo, hi, sw_batch_size=batch,
+                                                         blend=blend))
+        assert probs is not None
+        probs = probs.div_(n) if n > 1 else probs
+        if on_probabilities is not None:
+            on_probabilities(probs)
         with torch.autocast(x.device.type, enabled=False):
             writer.add(probs, lo)
         del probs  # before the next slab is allocated, not after

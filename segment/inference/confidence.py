@@ -6,7 +6,7 @@ band around it where the network hesitates; background far from any structure (m
 is left out, so the score does not depend on the field of view. The probabilities are those the label map comes from:
 averaged over TTA mirrorings and over the folds of an ensemble, so disagreement between members lowers the score too.
 1 = every voxel of the region certain; 0 = uniform probabilities. Computed at network resolution, slab by slab (see
-`segment.inference.ensemble`), never on K x (whole scan) floats.
+`segment.engine.stream.predict_canonical_labels`), never on K x (whole scan) floats.
 
 Threshold: chosen on a run's validation cases at training time (`choose_threshold`: the score below which the worst
 FLAG_QUANTILE of them lie), stored in the run folder's confidence.json; DEFAULT_THRESHOLD where a run has none.

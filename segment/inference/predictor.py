@@ -20,16 +20,22 @@ from segment.config import Config
 from segment.data.labels import class_values, decode_labels
 from segment.data.plan import Plan
 from segment.data.preprocess import prepare_image, to_source_grid
-from segment.device import available_memory_bytes, inference_dtype, resolve_device
-from segment.errors import GeometryError, InputError
 from segment.data.profile import ood_reasons
+from segment.device import available_memory_bytes, inference_dtype, resolve_device
+from segment.engine.stream import predict_canonical_labels
+from segment.errors import GeometryError, InputError
 from segment.inference.confidence import DEFAULT_THRESHOLD, ConfidenceStats
-from segment.inference.ensemble import ensemble_canonical_labels
 from segment.inference.loading import load_models
 from segment.inference.postprocess import keep_largest_components, label_volumes
 from segment.io.case import read_case
 from segment.io.geometry import Geometry, canonical_grid, resampled_shape
-from segment.io.nifti import check_target, nifti_geometry, to_nifti_image, write_image, write_label
+from segment.io.nifti import (
+    check_target,
+    nifti_geometry,
+    to_nifti_image,
+    write_image,
+    write_label,
+)
 from segment.run_folder import resolve_checkpoint
 
 
@@ -136,7 +142,7 @@ class Predictor:
                                  stats: ConfidenceStats | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(labels, probabilities of dtype `probabilities` or None) on the canonical source grid, as numpy arrays.
 
-        Streamed slab by slab (`segment.inference.ensemble`, on `segment.engine.stream`): never K x voxels floats at
+        Streamed slab by slab (`segment.engine.stream.predict_canonical_labels`): never K x voxels floats at
         either resolution, so memory is bounded by the label map (plus the probabilities only when asked for them).
         An ensemble's members are averaged slab by slab; `stats` collects the confidence score.
         """
@@ -145,11 +151,11 @@ class Predictor:
         x = prepare_image(channels, geometry, self.plan)[None].to(self.device)
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with torch.inference_mode(), autocast:
-            return ensemble_canonical_labels(
+            return predict_canonical_labels(
                 self.members, x, self.plan, canonical_grid(geometry).shape, overlap=self.overlap,
                 sw_batch_size=self.config.predict.sw_batch_size, blend=self.config.predict.blend, tta=self.tta,
                 mirror_axes=self.plan.tta_axes(), want_probabilities=probabilities is not None,
-                probability_dtype=probabilities or np.uint8, stats=stats,
+                probability_dtype=probabilities or np.uint8, on_probabilities=stats.add if stats is not None else None,
             )
 
     def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry,
