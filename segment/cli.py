@@ -99,8 +99,9 @@ def train(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="train on the cases that pass the pre-training check; list "
                                                               "the others with the reason in skipped.json (data.skip_bad)")] = False,
     folds: Annotated[Optional[int], typer.Option(help="train K models on disjoint validation folds into RUN/fold_0.. and "
-                                                      "write a cross-validation table; --max-time is the total, split "
-                                                      "evenly; predict -m RUN averages the folds")] = None,
+                                                      "write a cross-validation table; --max-time is the total wall "
+                                                      "time; several GPUs and --devices auto/1: one fold per GPU in "
+                                                      "parallel; predict -m RUN averages the folds")] = None,
 ) -> None:
     """Train a U-Net. With no arguments, trains on the embedded demo dataset (generated on first use)."""
     if resume and output is None:
@@ -136,7 +137,15 @@ def train(
         from segment.train.folds import check_folds
 
         check_folds(folds, folds)  # K < 2 is one line before any data is read; K > cases once the data is known
-        run_folds(cfg, folds, output=output, resume=resume)
+        from segment.train.parallel_folds import FoldsFailed
+
+        try:
+            run_folds(cfg, folds, output=output, resume=resume)
+        except FoldsFailed as err:  # folds in parallel worker processes: the others finished; exit 1, not a user error
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         return
 
     from segment.run_folder import read_split_file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import subprocess
 import json
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def test_ensemble_probabilities_are_the_mean_of_the_members(tta: bool, slab: int
     """Two different fixed networks: the ensemble's probabilities equal the mean of each one's, voxel by voxel,
     also with TTA and with the volume streamed in thin slabs."""
     if slab is not None:
-        import segment.inference.ensemble as ens
+        import segment.engine.stream as ens
 
         real = ens.slab_rows
         monkeypatch.setattr(ens, "slab_rows", lambda *a, **k: real(*a, **{**k, "slab_voxels": slab}))
@@ -160,3 +161,116 @@ def test_ensemble_probabilities_are_the_mean_of_the_members(tta: bool, slab: int
     np.testing.assert_allclose(both, expected, atol=1e-5)
     labels = Predictor(nets[0], plan, cfg, members=nets, **kw).predict_labels([image], geometry)[0]
     assert (labels == expected.argmax(0)).mean() > 0.999  # ties aside
+
+
+# ---- folds in parallel, one per GPU: the scheduler with 2 fake "devices" and real CPU worker processes --------------
+def _fake_gpus(tmp: Path, fail_fold: int | None, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """Make the CLI see 2 GPUs ("0", "1"); launch the real worker processes (CPU training), except that `fail_fold`
+    fails once after writing into its fold folder as `train` does at its start. Returns the launches made."""
+    import sys
+
+    import segment.train.parallel_folds as pf
+
+    launches: list[tuple[int, str]] = []
+    fail_once = {fail_fold}
+    real = pf.worker_launcher
+    monkeypatch.setattr(pf, "gpus_for_folds", lambda cfg: ["0", "1"])
+
+    def launcher(run_dir: Path, folds: int, per_fold_s: float | None) -> pf.Launcher:
+        def launch(fold: int, device: str) -> int:
+            launches.append((fold, device))
+            if fold in fail_once:
+                fail_once.discard(fold)
+                (run_dir / f"fold_{fold}").mkdir()
+                (run_dir / f"fold_{fold}" / "config.yaml").write_text("started\n")
+                with pf.fold_log(run_dir, fold).open("a") as log:
+                    return subprocess.run([sys.executable, "-c", "print('error: injected failure'); raise SystemExit(3)"],
+                                          stdout=log, check=False).returncode
+            return real(run_dir, folds, per_fold_s)(fold, device)
+
+        return launch
+
+    monkeypatch.setattr(pf, "worker_launcher", launcher)
+    return launches
+
+
+def test_parallel_folds_one_per_device_a_failed_fold_and_resume(tiny_data: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "par"
+    args = ["train", "-d", str(tiny_data), "--folds", "3", "-o", str(out), "--accelerator", "cpu",
+            "--max-time", "10m", *sum((["--set", t] for t in TINY), [])]
+    launches = _fake_gpus(tmp_path, 1, monkeypatch)
+    failed = runner.invoke(app, args)
+    assert failed.exit_code == 1, failed.output
+    errors = [line for line in failed.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "fold(s) 1 " in errors[0] and f"--folds 3 --resume -o {out}" in errors[0], failed.output
+    assert "fold 1: failed (exit 3): injected failure" in failed.output
+    assert "10.0 min in total, 5.0 min per fold" in failed.output  # 3 folds on 2 GPUs: 2 rounds of 10 min / 2
+    assert sorted(k for k, _ in launches) == [0, 1, 2] and {d for _, d in launches} == {"0", "1"}  # each fold once
+    assert not (out / "fold_1").exists()  # failed before a checkpoint: cleared for --resume
+    assert json.loads((out / "ensemble.json").read_text())["complete"] is False and not (out / "cv.csv").exists()
+    device_of = dict(launches)
+    mtimes = {}
+    for k in (0, 2):
+        fold = out / f"fold_{k}"
+        assert (fold / "checkpoints" / "last.ckpt").is_file() and (fold / "summary.json").is_file()
+        first = (out / f"fold_{k}.log").read_text().splitlines()[0]
+        assert first.endswith(f"CUDA_VISIBLE_DEVICES={device_of[k]}"), first  # the child saw its own device
+        hp = torch.load(fold / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
+        assert hp["config"]["train"]["devices"] == 1 and hp["config"]["train"]["max_time"] == "300s"
+        assert hp["config"]["data"]["fold"] == k and hp["plan"] == json.loads((out / "plan.json").read_text())
+        mtimes[k] = (fold / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+
+    launches.clear()
+    resumed = runner.invoke(app, ["train", "--folds", "3", "--resume", "-o", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert [k for k, _ in launches] == [1]  # only the failed fold trains again
+    assert all((out / f"fold_{k}" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtimes[k] for k in (0, 2))
+    assert json.loads((out / "ensemble.json").read_text())["complete"] is True
+    vals = [json.loads((out / f"fold_{k}" / "split.json").read_text())["val"] for k in range(3)]
+    assert sorted(v for val in vals for v in val) == sorted(p.name[:-7] for p in (tiny_data / "labelsTr").glob("*.nii.gz"))
+    for k in range(3):  # the worker's split is the one the one-after-another path makes
+        names = sorted(v for val in vals for v in val)
+        assert vals[k] == make_split(names, 0, 0.2, 3, k)["val"]
+    assert [r["fold"] for r in csv.DictReader((out / "cv.csv").open())] == ["0", "1", "2", "mean"]
+
+
+def test_parallel_rule_and_scheduler_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several GPUs and devices auto/1 -> one fold per GPU; other devices, a strategy, one GPU -> one after another;
+    the queue gives each fold to exactly one device, and a launcher that raises fails only its fold."""
+    import threading
+
+    import segment.train.parallel_folds as pf
+
+    monkeypatch.setattr(pf.torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(pf, "training_accelerator", lambda acc: "cuda" if acc in ("auto", "cuda", "gpu") else acc)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
+    for var in ("WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    base = load_config()
+    rule = {(): ["4", "6", "7"], ("train.devices=1",): ["4", "6", "7"], ("train.devices=2",): None,
+            ("train.devices='0,1'",): None, ("train.strategy=ddp",): None, ("train.accelerator=cpu",): None}
+    for sets, expected in rule.items():
+        assert pf.gpus_for_folds(load_config(overrides=list(sets))) == expected, sets
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert pf.gpus_for_folds(base) is None  # already one rank of a distributed launch
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(pf.torch.cuda, "device_count", lambda: 1)
+    assert pf.gpus_for_folds(base) is None
+
+    seen: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def launch(fold: int, device: str) -> int:
+        with lock:
+            seen.append((fold, device))
+        if fold == 3:
+            raise OSError("no such executable")
+        return 0 if fold != 5 else 7
+
+    lines: list[str] = []
+    codes = pf.schedule(list(range(7)), ["a", "b"], launch, lines.append)
+    assert sorted(k for k, _ in seen) == list(range(7)) and {d for _, d in seen} <= {"a", "b"}
+    assert codes == {0: 0, 1: 0, 2: 0, 3: -1, 4: 0, 5: 7, 6: 0}
+    assert sum("started" in line for line in lines) == 7 and sum("finished" in line for line in lines) == 5
+    assert any("fold 3: could not start (OSError: no such executable)" in line for line in lines)

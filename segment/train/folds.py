@@ -3,14 +3,17 @@
     RUN/ensemble.json, plan.json, config.yaml, fingerprint.json, scan_profile.json, fold_0/ ... fold_K-1/
 
 Each fold is a normal run folder (`segment.train.runner.train` with the shared plan and fold k's split), so it can be
-predicted, evaluated or resumed on its own. The folds run one after another; each uses the configured devices (all
-GPUs through Lightning's strategy when several are given). A time budget (`train.max_time`) is the total for all
-folds, split evenly. The cross-validation table and the confidence threshold come after training
-(`segment.experiments.crossval`, which also needs the evaluation metrics).
+predicted, evaluated or resumed on its own. On one device the folds run one after another, each with the configured
+devices (several GPUs given with --devices N / '0,1' or a strategy: all of them per fold, through Lightning's strategy).
+With several GPUs visible and `train.devices` auto or 1 the folds run in parallel, one per GPU, each in its own
+process (`segment.train.parallel_folds`: the rule, the fold queue, logs in RUN/fold_k.log). A time budget
+(`train.max_time`) is the total wall time: one after another each fold gets total / K; with P GPUs in parallel
+total / ceil(K / P) (= total * P / K when P divides K). The cross-validation table and the confidence threshold come
+after training (`segment.experiments.crossval`, which also needs the evaluation metrics).
 
 Resume (`--resume -o RUN`): finished folds (summary.json written) are left untouched; a fold with a last checkpoint
-continues from it; a fold not started yet starts. A fold interrupted before its first checkpoint is one line asking
-to delete that fold folder.
+continues from it; a fold not started yet (or failed in a parallel run before its first checkpoint: its folder was
+removed then) starts. A fold interrupted before its first checkpoint is one line asking to delete that fold folder.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from segment.data.pipeline import make_split
 from segment.device import global_rank, training_accelerator
 from segment.errors import ConfigError, InputError
 from segment.run_folder import RunFolder
+from segment.train import parallel_folds
 from segment.train.plan_valid import plan_run
 from segment.train.runner import TrainResult, train
 from segment.train.setup import apply_plan, load_dataset, warn_ordered_axes
@@ -59,8 +63,13 @@ def fold_config(cfg: Config, folds: int, fold: int, per_fold_s: float | None) ->
     return validate(raw, f"fold {fold} config")
 
 
-def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: bool = False) -> FoldsResult:
-    """Train K fold models into one ensemble run folder; returns each fold's result."""
+def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: bool = False, *,
+                devices: list[str] | None = None, launcher: parallel_folds.Launcher | None = None) -> FoldsResult:
+    """Train K fold models into one ensemble run folder; returns each fold's result.
+
+    `devices`: GPU ids to run one fold each on in parallel (None: `parallel_folds.gpus_for_folds` decides; [] or one
+    device: one after another in this process). `launcher` replaces the worker processes' launcher (tests).
+    """
     if cfg.data.fold is not None:
         raise ConfigError(f"--folds {folds} trains every fold; leave out --fold / data.fold={cfg.data.fold}")
     name = (Path(cfg.data.root).name if cfg.data.root else "demo") + time.strftime("-%Y%m%d-%H%M%S") + f"-{folds}fold"
@@ -94,6 +103,9 @@ def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: boo
             root.write_ensemble(folds, [root.fold(k).path.name for k in range(folds)], complete=False)
     total_s = parse_duration(cfg.train.max_time)
     per_fold = total_s / folds if total_s is not None else None
+    gpus = parallel_folds.gpus_for_folds(cfg) if devices is None else list(devices)
+    if len(gpus or []) > 1:
+        return _train_parallel(root, cfg, folds, resume, gpus or [], total_s, launcher)
     console.print(f"[bold]{folds}-fold training[/] into {root.path}: "
                   + (f"time budget {total_s / 60:.1f} min in total, {per_fold / 60:.1f} min per fold"
                      if total_s is not None and per_fold is not None else "no time budget (train.max_time)"))
@@ -118,5 +130,41 @@ def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: boo
         result.folds.append(train(fcfg, output=fold.path, plan=plan, split=split))
     if writer:
         root.write_ensemble(folds, [root.fold(k).path.name for k in range(folds)], complete=True)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _train_parallel(root: RunFolder, cfg: Config, folds: int, resume: bool, gpus: list[str], total_s: float | None,
+                    launcher: parallel_folds.Launcher | None) -> FoldsResult:
+    """One fold per GPU in worker processes (`segment.train.parallel_folds`); ensemble.json complete once all are."""
+    todo = []
+    for k in range(folds):
+        fold = root.fold(k)
+        if fold.read_summary() is not None and fold.checkpoints():
+            console.print(f"fold {k}: finished earlier, kept as it is")
+        elif fold.path.exists() and any(fold.path.iterdir()) and not (resume and fold.can_resume()):
+            raise InputError(f"{fold.path}: fold {k} was interrupted before its first checkpoint; delete this folder "
+                             f"and run again with --resume -o {root.path}")
+        else:
+            todo.append(k)
+    parallel = min(len(gpus), folds)
+    per_fold = total_s / math.ceil(folds / parallel) if total_s is not None else None
+    console.print(f"[bold]{folds}-fold training[/] into {root.path}, {parallel} folds at a time, one per GPU "
+                  f"({', '.join(gpus[:parallel])}); logs in {root.path / 'fold_<k>.log'}: "
+                  + (f"time budget {total_s / 60:.1f} min in total, {per_fold / 60:.1f} min per fold"
+                     if total_s is not None and per_fold is not None else "no time budget (train.max_time)"),
+                  soft_wrap=True)
+    t0 = time.monotonic()
+    parallel_folds.run_parallel(root.path, folds, todo, gpus[:parallel], per_fold, launcher,
+                                report=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    result = FoldsResult(root.path)
+    for k in todo:
+        member = root.fold(k)
+        summary = member.read_summary() or {}
+        best = member.best_checkpoint if member.best_checkpoint.is_file() else None
+        last = member.last_checkpoint if member.last_checkpoint.is_file() else None
+        result.folds.append(TrainResult(member.path, best, last, summary.get("val_dice", {}), int(summary.get("steps", 0)),
+                                        float(summary.get("seconds", 0.0))))
+    root.write_ensemble(folds, [root.fold(k).path.name for k in range(folds)], complete=True)
     result.seconds = time.monotonic() - t0
     return result
