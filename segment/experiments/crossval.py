@@ -113,12 +113,18 @@ def cross_validate(run_dir: Path, dataset: Any, device: str = "auto") -> tuple[l
     return table, threshold
 
 
-def calibrate_run(run_dir: Path, dataset: Any, device: str = "auto") -> float | None:
+def calibrate_run(run_dir: Path, dataset: Any = None, device: str = "auto") -> float | None:
     """After `segment train` (one model): score its validation cases as `segment predict` would, write val_cases.csv
-    and the "check this case" threshold (confidence.json) that `segment predict -m RUN` then uses."""
+    and the "check this case" threshold (confidence.json) that `segment predict -m RUN` then uses. Without `dataset`
+    the run's own data folder (or the demo data) is discovered again; its cases were checked before training."""
     from segment.inference.confidence import FLAG_QUANTILE, choose_threshold
 
     run = RunFolder(run_dir)
+    if dataset is None:
+        from segment.data.demo import ensure_demo_dataset
+        from segment.io.dataset import discover
+
+        dataset = discover(run.read_config().data.root or ensure_demo_dataset(), check=False)
     console.print("scoring the validation cases in their own geometry for the confidence threshold ...")
     rows = score_validation(run, dataset, device)
     _write_csv(rows, run / run.VAL_CASES, ["fold", "case", *COLUMNS])

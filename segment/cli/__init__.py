@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from segment.cli.options import (
+    ConfigOpt,
+    DataOpt,
+    SetOpt,
+    config_from,
+    given_flags,
+    parse_devices,
+    parse_skips,
+    user_errors,
+)
 from segment.errors import SegmentError
 
 app = typer.Typer(
@@ -19,60 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: segment/configs/default.yaml)")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key, e.g. --set train.max_epochs=5")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="dataset folder (MSD/nnU-Net layout or image/label pairs)")]
-
-
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a SegmentError as one red line and exit 2, instead of a stack trace."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SegmentError as err:
-            from rich.console import Console
-
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _config(config: Path | None, overrides: list[str] | None, extra: dict[str, Any]) -> Any:
-    """Config file + --set overrides + explicit flags (only those the user gave), all through the same validation.
-
-    Flags keep their type (`--data 2024` is a folder, never the number 2024); only `--set key=value` parses YAML.
-    """
-    from segment.config import load_config
-
-    return load_config(config, list(overrides or []), _given(extra))
-
-
-def _given(extra: dict[str, Any]) -> dict[str, Any]:
-    """The flags the user gave, as typed config values: paths as text, everything else as parsed by typer."""
-    return {key: str(value) if isinstance(value, Path) else value for key, value in extra.items() if value is not None}
-
-
-def _skips(text: str | None) -> str | list[int] | None:
-    """--skips: all, none, or levels such as [0,1] / 0,1."""
-    if text is None or text.strip() in ("all", "none"):
-        return None if text is None else text.strip()
-    try:
-        return [int(p) for p in text.strip().removeprefix("[").removesuffix("]").split(",") if p.strip()]
-    except ValueError:
-        raise SegmentError(f"--skips {text!r}: expected all, none or levels such as [0,1]") from None
-
-
-def _devices(text: str | None) -> int | str | None:
-    """--devices: a count (2, -1 = all) or a Lightning device string (auto, '0,1')."""
-    return int(text) if text is not None and text.strip().lstrip("-").isdigit() else text
-
 
 @app.command()
 @user_errors
@@ -112,20 +65,19 @@ def train(
                            "or --set)")
     flags = {
         "data.root": data, "train.max_epochs": max_epochs, "train.max_time": max_time, "data.fold": fold,
-        "model.skip_connections": _skips(skips), "train.accelerator": accelerator, "train.devices": _devices(devices),
+        "model.skip_connections": parse_skips(skips), "train.accelerator": accelerator, "train.devices": parse_devices(devices),
         "train.strategy": strategy, "train.num_nodes": num_nodes, "train.precision": precision, "seed": seed,
         "data.modality": modality, "data.skip_bad": True if skip_bad else None,
     }
-    cfg = _config(config, set_, flags)
+    cfg = config_from(config, set_, flags)
     if data is None and config is None and cfg.data.root is None and not resume:
         from segment.config import CONFIG_DIR
 
         if (CONFIG_DIR / "demo.yaml").is_file():  # the embedded default: demo data with a demo-sized budget
-            cfg = _config(CONFIG_DIR / "demo.yaml", set_, flags)
+            cfg = config_from(CONFIG_DIR / "demo.yaml", set_, flags)
     from segment.config import parse_overrides
-    from segment.train.runner import train as run_train
-
     from segment.run_folder import RunFolder
+    from segment.train.runner import train as run_train
 
     if resume and folds is None and output is not None and RunFolder(output).is_ensemble():
         raise SegmentError(f"{output}: is a k-fold run; resume it with --folds "
@@ -151,17 +103,14 @@ def train(
     from segment.run_folder import read_split_file
 
     # on --resume only what was given explicitly (--set, options) changes the run's own config
-    given = {**parse_overrides(list(set_ or [])), **_given(flags)} if resume else None
+    given = {**parse_overrides(list(set_ or [])), **given_flags(flags)} if resume else None
     result = run_train(cfg, output=output, resume=resume, split=read_split_file(split) if split else None, given=given)
     from segment.device import global_rank
 
     if global_rank() == 0 and result is not None and result.last_checkpoint is not None:
-        from segment.data.demo import ensure_demo_dataset
         from segment.experiments.crossval import calibrate_run
-        from segment.io.dataset import discover
 
-        root = RunFolder(result.run_dir).read_config().data.root or ensure_demo_dataset()
-        calibrate_run(result.run_dir, discover(root, check=False))  # cases were checked before training
+        calibrate_run(result.run_dir)
 
 
 @app.command()
@@ -235,7 +184,7 @@ def ablate(
     """
     from segment.experiments.ablate import run_ablation
 
-    cfg = _config(config, set_, {"data.root": data})
+    cfg = config_from(config, set_, {"data.root": data})
     run_ablation(cfg, output=output, budget=budget, variants=variants, seeds=seeds)
 
 
@@ -286,7 +235,7 @@ def model_info(
 
     from segment.nets import build_model, summarize
 
-    cfg = _config(config, set_, {})
+    cfg = config_from(config, set_, {})
     shape = [int(s) for s in size.split(",")] if size else None
     Console().print(summarize(build_model(cfg.model), shape))
 
