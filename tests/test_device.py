@@ -73,3 +73,60 @@ def test_global_rank_from_lightning_cluster_environments(monkeypatch: pytest.Mon
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert policy.global_rank(devices_per_node=2) == expected
+
+
+def test_channels_last_only_for_measured_cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, net = torch.device("cpu"), torch.nn.Conv3d(1, 2, 3, padding=1)
+    fmt = policy.inference_memory_format
+    assert fmt(cpu, None, net, [8, 8, 8], 1) == torch.contiguous_format  # fp32: never
+    assert fmt(torch.device("cuda"), torch.bfloat16, net, [8, 8, 8], 1) == torch.contiguous_format  # not measured there
+    monkeypatch.setattr(policy, "_CPU_CHANNELS_LAST", {})
+    monkeypatch.setattr(policy, "cpu_channels_last_speedup", lambda *a, **k: 1.05)  # within noise: keep contiguous
+    assert fmt(cpu, torch.bfloat16, net, [8, 8, 8], 1) == torch.contiguous_format
+    monkeypatch.setattr(policy, "_CPU_CHANNELS_LAST", {})
+    monkeypatch.setattr(policy, "cpu_channels_last_speedup", lambda *a, **k: 1.3)
+    assert fmt(cpu, torch.bfloat16, net, [8, 8, 8], 1) == torch.channels_last_3d
+
+
+def test_channels_last_timing_leaves_the_model_contiguous_and_gives_the_same_output() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.Conv3d(4, 2, 1))
+    x = torch.randn(1, 2, 12, 10, 8)
+    with torch.inference_mode():
+        expected = net(x)
+    assert policy.cpu_channels_last_speedup(net, x, repeats=1) >= 0.0
+    assert net[0].weight.is_contiguous()  # restored after timing
+    net.to(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        got = net(x)
+    assert not net[0].weight.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_predictor_applies_the_chosen_memory_format(monkeypatch: pytest.MonkeyPatch, fmt: torch.memory_format) -> None:
+    """The Predictor puts every member's weights in the chosen format, and labels do not depend on it."""
+    import copy
+
+    import numpy as np
+
+    from segment.config import Config, ModelConfig
+    from segment.data.plan import Plan
+    from segment.inference import predictor as pred
+    from segment.io.geometry import Geometry
+    from segment.nets import build_model
+
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(features=[4, 8], out_channels=3))
+    net = build_model(cfg.model)
+    plan = Plan(spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16], batch_size=2, features=[4, 8], modality="mri",
+                channels=1, labels={0: "background", 1: "a", 2: "b"})
+    image = np.random.default_rng(0).normal(0, 1, (20, 18, 17)).astype(np.float32)
+    geometry = Geometry.from_affine(np.eye(4), image.shape, source="<test>")
+    reference = pred.Predictor(copy.deepcopy(net), plan, cfg, device="cpu", precision="32")
+    monkeypatch.setattr(pred, "inference_memory_format", lambda *a, **k: fmt)
+    chosen = pred.Predictor(copy.deepcopy(net), plan, cfg, device="cpu", precision="32")
+    conv = next(m for m in chosen.model.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=fmt)
+    np.testing.assert_allclose(chosen.predict_probabilities([image], geometry),
+                               reference.predict_probabilities([image], geometry), rtol=1e-4, atol=1e-5)
