@@ -173,3 +173,24 @@ def test_rerun_reuses_finished_runs_and_refuses_a_different_split(ablation: tupl
     other = load_config(None, TINY + [f"data.root={data}", "data.val_fraction=0.6"])
     with pytest.raises(InputError, match="different split"):
         run_ablation(other, output=out, budget=None, variants="all,none")
+
+
+def test_a_moved_ablation_folder_is_reused_from_its_new_place(ablation: tuple[Path, Path], tmp_path: Path) -> None:
+    """summary.json records absolute checkpoint paths; a rerun after moving the folder uses the files where they are."""
+    import shutil
+
+    out, _ = ablation
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    shutil.rmtree(moved / "figures", ignore_errors=True)
+    data = json.loads((out / "report.json").read_text())["meta"]["data"]
+    stamp = (moved / "runs" / "skips-all" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    renamed = out.with_name(out.name + "-gone")
+    out.rename(renamed)  # the recorded paths no longer exist
+    try:
+        cfg = load_config(None, TINY + [f"data.root={data}"])
+        assert run_ablation(cfg, output=moved, budget=None, variants="all,none") == moved / "report.md"
+    finally:
+        renamed.rename(out)
+    assert (moved / "runs" / "skips-all" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp  # not retrained
+    assert json.loads((moved / "report.json").read_text())["meta"]["steps"] == {"skips-all": 2, "skips-none": 2}

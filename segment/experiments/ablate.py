@@ -71,9 +71,9 @@ def _finished_run(run_dir: Path, split: dict[str, list[str]]) -> Any:
     s = run.read_summary()
     if s is None or run.read_split() != split:
         return None
-    best = Path(s["best_checkpoint"]) if s.get("best_checkpoint") else None
-    last = run.last_checkpoint
-    return TrainResult(run_dir, best, last if last.is_file() else None, s.get("val_dice", {}), int(s["steps"]),
+    # the run folder's own files, not the absolute path summary.json recorded: the folder may have been moved
+    best, last = run.best_checkpoint, run.last_checkpoint
+    return TrainResult(run_dir, best if best.is_file() else None, last if last.is_file() else None, s.get("val_dice", {}), int(s["steps"]),
                        float(s["seconds"]))
 
 
