@@ -174,6 +174,28 @@ def test_level_finding_says_when_nothing_exceeds_seed_noise() -> None:
     assert "carries boundary quality:" not in text
 
 
+def test_level_finding_names_no_level_where_a_seed_missed_a_structure_everywhere() -> None:
+    """When one seed of a variant never finds the structure, its distances are missing in every case and its seed
+    noise on HD95/ASSD is unknown: a large effect must not be called 'beyond seed noise' on those metrics."""
+    seed_rows, dropped = _study(1.0, 0.1)
+    seed_rows["skips-0-2"][1] = _rows({c: math.nan for c in CASES}, dice=0.0, nsd=0.0)  # seed 1 found nothing
+    rows = {n: average_seeds(s) for n, s in seed_rows.items()}
+    from segment.evaluation.seed_noise import verdict
+
+    comps = []
+    for name in ("skips-1-2", "skips-0-2"):
+        for m in ("dice", "hd95", "assd", "nsd"):
+            res = compare(rows["skips-all"], rows[name], m, n=300)
+            comps.append({**res, "variant": name, "reference": "skips-all", "verdict": verdict(res, m)})
+    seeds = seed_comparisons(seed_rows, 300, 0)
+    assert "hd95" not in noise_levels(seeds) and "assd" not in noise_levels(seeds)
+    text = level_finding(comps, seeds, dropped)
+    assert "Seed noise of HD95, ASSD could not be measured for skips-0-2" in text
+    assert "HD95 +1.00 mm" in text  # the effect is still reported ...
+    assert "carries boundary quality: dropping it worsens HD95" not in text  # ... but not called beyond seed noise
+    assert "Two seeds of the same variant differ by up to Dice 0.8" in text
+
+
 def test_exceeds_noise_needs_an_interval_off_zero_and_a_larger_mean() -> None:
     comp = {"metric": "hd95", "mean": 1.0, "verdict": "worse"}
     assert exceeds_noise(comp, {"hd95": 0.5}) is True

@@ -74,11 +74,23 @@ def seed_comparisons(seed_rows: dict[str, dict[int, Rows]], bootstrap: int, seed
     return out
 
 
-def noise_levels(seed_comps: list[dict[str, Any]]) -> dict[str, float]:
-    """Per metric, the largest |mean seed-to-seed difference| of any variant (missing when no seeds compared)."""
-    out: dict[str, float] = {}
+def unmeasured_noise(seed_comps: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per metric, the variants whose seed-to-seed difference has no data (e.g. a distance missing in every case of a
+    seed that never found a structure): there the seed noise of that metric is unknown."""
+    out: dict[str, list[str]] = {}
     for c in seed_comps:
-        if not math.isnan(c["mean"]):
+        if math.isnan(c["mean"]):
+            out.setdefault(c["metric"], []).append(c["variant"])
+    return out
+
+
+def noise_levels(seed_comps: list[dict[str, Any]]) -> dict[str, float]:
+    """Per metric, the largest |mean seed-to-seed difference| of any variant; a metric is missing when no seeds were
+    compared, or when some variant's seed difference has no data (its noise could be larger than any measured one)."""
+    out: dict[str, float] = {}
+    unknown = unmeasured_noise(seed_comps)
+    for c in seed_comps:
+        if not math.isnan(c["mean"]) and c["metric"] not in unknown:
             out[c["metric"]] = max(out.get(c["metric"], 0.0), abs(c["mean"]))
     return out
 
@@ -146,8 +158,18 @@ def level_finding(comps: list[dict[str, Any]], seed_comps: list[dict[str, Any]],
     parts = [f"{LABELS[m]}: dropping {level_name(dropped[c['variant']])} (`{c['variant']}`), {describe(c)}"
              for m, c in biggest.items()]
     text = "Largest boundary change when a single level is dropped — " + "; ".join(parts) + ". "
-    carriers = {m: c for m, c in biggest.items() if c["verdict"] == "worse" and exceeds_noise(c, noise) is not False}
-    if not noise:
+    unknown = unmeasured_noise(seed_comps)
+    carriers = {m: c for m, c in biggest.items() if c["verdict"] == "worse" and m not in unknown
+                and exceeds_noise(c, noise) is not False}
+    if unknown:
+        text += ("Seed noise of " + ", ".join(LABELS[m] for m in unknown) + " could not be measured for " + ", ".join(
+            sorted({v for vs in unknown.values() for v in vs})) + " (one seed missed a structure in every case), so "
+            "no level is named on " + ("that metric" if len(unknown) == 1 else "those metrics") + ". ")
+        dice = [abs(c["mean"]) for c in seed_comps if c["metric"] == "dice" and not math.isnan(c["mean"])]
+        if dice:
+            text += (f"Two seeds of the same variant differ by up to Dice {max(dice):.3g}: training has not settled at "
+                     "this budget. ")
+    if not seed_comps:
         text += "Seed noise was not measured (one seed per variant), so this rests on the case bootstrap alone: "
     if carriers:
         levels = list(dict.fromkeys(dropped[c["variant"]] for c in carriers.values()))
@@ -159,6 +181,8 @@ def level_finding(comps: list[dict[str, Any]], seed_comps: list[dict[str, Any]],
                 f"{LABELS[m]} depends most on {level_name(dropped[c['variant']])}" for m, c in carriers.items())
         text += (" beyond the interval's 0" + (" and beyond seed noise (largest seed-to-seed difference: " + ", ".join(
             f"{LABELS[m]} {noise[m]:.3g}" for m in carriers) + ")" if noise else "") + ".")
+    elif unknown and not noise:
+        text += "No level can be named on the boundary metrics."
     elif noise:
         text += ("No level's effect exceeds seed noise: each of these changes either has an interval that includes 0 "
                  "or is no larger than the difference between two seeds of the same variant (up to " + ", ".join(
