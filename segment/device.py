@@ -83,22 +83,6 @@ def cpu_bf16_speedup(model: nn.Module, x: torch.Tensor, *, train: bool, repeats:
         return 0.0
 
 
-def cpu_channels_last_speedup(model: nn.Module, x: torch.Tensor, repeats: int = 2) -> float:
-    """Contiguous time / `channels_last_3d` time of a bf16 inference forward on the CPU (> 1: channels-last faster).
-
-    oneDNN's bf16 convolutions run natively in channels-last; contiguous weights cost a reorder per call. Measured
-    here, because fp32 (and other CPUs) can go the other way. The model is left contiguous."""
-    try:
-        contiguous = _best_seconds(model, x, True, False, repeats)
-        model.to(memory_format=torch.channels_last_3d)
-        last = _best_seconds(model, x.contiguous(memory_format=torch.channels_last_3d), True, False, repeats)
-    except RuntimeError:
-        return 0.0
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-    return contiguous / last
-
-
 def cpu_has_bf16() -> bool:
     """Whether oneDNN has bf16 kernels on this CPU at all (AVX512-BF16 or AMX); without them bf16 is emulated."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -193,19 +177,3 @@ def available_memory_bytes() -> int | None:
             available = room if available is None else min(available, room)
         break
     return available
-
-
-_CPU_CHANNELS_LAST: dict[str, bool] = {}  # network description -> measured verdict, once per process
-
-
-def inference_memory_format(device: torch.device, dtype: torch.dtype | None, model: nn.Module, window: Sequence[int],
-                            channels: int) -> torch.memory_format:
-    """`channels_last_3d` for bf16 prediction on a CPU where a timed forward over one `window` was at least 10% faster
-    that way (measured once per process and network); contiguous everywhere else (fp32, CUDA: not measured)."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or len(window) != 3:
-        return torch.contiguous_format
-    key = repr(getattr(model, "cfg", type(model))) + repr(tuple(window))
-    if key not in _CPU_CHANNELS_LAST:
-        x = torch.randn(1, channels, *window)
-        _CPU_CHANNELS_LAST[key] = cpu_channels_last_speedup(model, x) > CPU_BF16_MIN_SPEEDUP
-    return torch.channels_last_3d if _CPU_CHANNELS_LAST[key] else torch.contiguous_format

@@ -21,7 +21,7 @@ from segment.data.labels import class_values, decode_labels
 from segment.data.plan import Plan
 from segment.data.preprocess import prepare_image, to_source_grid
 from segment.data.profile import ood_reasons
-from segment.device import available_memory_bytes, inference_dtype, inference_memory_format, resolve_device
+from segment.device import available_memory_bytes, inference_dtype, resolve_device
 from segment.engine.stream import predict_canonical_labels
 from segment.errors import GeometryError, InputError
 from segment.inference.confidence import DEFAULT_THRESHOLD, ConfidenceStats
@@ -69,10 +69,6 @@ class Predictor:
         if hasattr(self.model, "input_size_for"):
             window = list(self.model.input_size_for(window))
         self.dtype = inference_dtype(precision, self.device, self.model, window, plan.channels)
-        # bf16 on a CPU: channels-last weights where measured faster (the windows follow the weights' format)
-        self.memory_format = inference_memory_format(self.device, self.dtype, self.model, window, plan.channels)
-        for member in self.members:
-            member.to(memory_format=self.memory_format)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", *, overlap: float | None = None,
