@@ -92,11 +92,33 @@ def test_out_of_distribution_fires_for_ct_given_to_an_mr_model_and_not_for_a_nor
     ct[4:20, 4:20, 4:20] = rng.normal(40, 20, (16, 16, 16))
     ct[10:14, 10:14, 10:14] = 1200.0
     reasons = ood_reasons(profile, [ct], _geometry((24, 24, 24)))
-    assert len(reasons) == 1 and reasons[0].startswith("intensities unlike the training scans")
+    assert reasons and reasons[0].startswith("intensities unlike the training scans")
     # another body part / protocol: a 5 mm grid 5x wider than every training scan
     big = ood_reasons(profile, [rng.gamma(2.0, 75.0, (24, 24, 24)).astype(np.float32)], _geometry((24, 24, 24), 5.0))
     assert any(r.startswith("spacing") for r in big) and any(r.startswith("extent") for r in big)
     assert ood_reasons(None, [ct], _geometry((24, 24, 24))) == []
+
+
+def test_ct_is_flagged_for_an_mr_model_whose_training_scans_have_arbitrary_scales() -> None:
+    """MR intensities have no unit: with training scans whose scale differs by 5000x (as MSD hippocampus), raw
+    percentiles allow almost anything, but the z-scored distribution of a CT crop of the same size is still unlike
+    them, while a rescaled MR scan is not."""
+    rng = np.random.default_rng(3)
+
+    def mr(scale: float) -> np.ndarray:
+        head = rng.gamma(4.0, 1.0, (24, 24, 24)).astype(np.float32)
+        head[8:16, 8:16, 8:16] *= 1.8  # a brighter structure, as in the hippocampus crops
+        return head * scale
+
+    train = [([mr(scale)], _geometry((24, 24, 24))) for scale in (2.0, 50.0, 900.0, 4000.0, 10000.0)]
+    profile = scan_profile(train)
+    assert ood_reasons(profile, [mr(300.0)], _geometry((24, 24, 24))) == []
+    ct = rng.normal(40, 30, (24, 24, 24)).astype(np.float32)
+    ct[:, :5, :] = -1000.0  # air along one side of a same-sized crop
+    ct[10:13, 10:13, 10:13] = 900.0
+    reasons = ood_reasons(profile, [ct], _geometry((24, 24, 24)))
+    assert not any(r.startswith("intensities unlike") for r in reasons)  # the raw ranges are too wide to tell
+    assert any(r.startswith("intensity distribution unlike the training scans") for r in reasons)
 
 
 def test_predict_writes_confidence_csv_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,15 +22,23 @@ PROFILE_CASES = 20
 # or when its spacing or extent is more than SIZE_FACTOR times larger or smaller than every training scan's
 INTENSITY_MARGIN = 1.0
 SIZE_FACTOR = 3.0
+# The shape of the intensity distribution, free of the scale: percentiles of the z-scored scan ((x - mean) / std).
+# MR intensities have no unit (MSD hippocampus: median 55 to 260,000 between cases), so raw percentiles hardly constrain
+# an MR model; the z-scored ones do (hippocampus crops: median -0.06 to 0.15, a CT -> 0.58, a whole-head MR -> -0.44).
+# A scan is out of distribution when one lies more than INTENSITY_MARGIN training ranges (at least SHAPE_FLOOR) outside.
+SHAPE_FLOOR = 0.1
 
 
 def scan_statistics(channels: Sequence[np.ndarray], geometry: Geometry) -> dict[str, Any]:
-    """Raw intensity percentiles (first channel; a 200k-voxel sample), spacing and extent (mm) of one scan."""
+    """Raw and z-scored intensity percentiles (first channel; a 200k-voxel sample), spacing and extent (mm) of one
+    scan."""
     values = np.asarray(channels[0], dtype=np.float32).ravel()
     if values.size > 200_000:
         values = values[:: values.size // 200_000]
     spacing = [float(s) for s in geometry.spacing]
-    return {"percentiles": [float(np.percentile(values, q)) for q in PERCENTILES], "spacing": spacing,
+    z = (values - values.mean()) / max(float(values.std()), 1e-6)
+    return {"percentiles": [float(np.percentile(values, q)) for q in PERCENTILES],
+            "shape": [float(np.percentile(z, q)) for q in PERCENTILES], "spacing": spacing,
             "extent_mm": [float(n) * s for n, s in zip(geometry.shape, spacing)]}
 
 
@@ -38,7 +46,7 @@ def scan_profile(scans: Sequence[tuple[Sequence[np.ndarray], Geometry]]) -> dict
     """What the training scans look like: min and max over the scans of each statistic (scan_profile.json)."""
     stats = [scan_statistics(c, g) for c, g in scans]
     out: dict[str, Any] = {"cases": len(stats), "percentiles_q": list(PERCENTILES)}
-    for key in ("percentiles", "spacing", "extent_mm"):
+    for key in ("percentiles", "shape", "spacing", "extent_mm"):
         arr = np.array([s[key] for s in stats], dtype=np.float64)
         out[key] = {"min": arr.min(0).tolist(), "max": arr.max(0).tolist()}
     return out
@@ -73,6 +81,13 @@ def ood_reasons(profile: dict[str, Any] | None, channels: Sequence[np.ndarray], 
     if p.shape == lo.shape and (np.any(p < lo - margin) or np.any(p > hi + margin)):
         reasons.append(f"intensities unlike the training scans (percentiles {_fmt(p)}, training {_fmt(lo)} to "
                        f"{_fmt(hi)}; another modality or scanner?)")
+    if isinstance(profile.get("shape"), dict):  # profiles written before this statistic existed have none
+        zlo, zhi = np.array(profile["shape"]["min"]), np.array(profile["shape"]["max"])
+        z = np.array(stats["shape"])
+        zmargin = INTENSITY_MARGIN * np.maximum(zhi - zlo, SHAPE_FLOOR)
+        if z.shape == zlo.shape and (np.any(z < zlo - zmargin) or np.any(z > zhi + zmargin)):
+            reasons.append(f"intensity distribution unlike the training scans (z-scored percentiles {_fmt(z)}, training "
+                           f"{_fmt(zlo)} to {_fmt(zhi)}; another modality, body part or field of view?)")
     for name, value, a, b in (("spacing", stats["spacing"], smin, smax), ("extent", stats["extent_mm"], emin, emax)):
         v = np.array(value)
         if v.shape == a.shape and (np.any(v * SIZE_FACTOR < a) or np.any(v > b * SIZE_FACTOR)):
