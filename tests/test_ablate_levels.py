@@ -135,16 +135,22 @@ def _study(effect: float, noise: float) -> tuple[dict, dict]:
     return seed_rows, {"skips-1-2": 0, "skips-0-2": 1}
 
 
-def _finding(effect: float, noise: float) -> str:
-    seed_rows, dropped = _study(effect, noise)
+def _comparisons(seed_rows: dict) -> list[dict]:
+    """Each dropped-level variant minus 'skips-all' on the seed-averaged rows, as the report computes them."""
+    from segment.evaluation.seed_noise import verdict
+
     rows = {n: average_seeds(s) for n, s in seed_rows.items()}
     comps = []
     for name in ("skips-1-2", "skips-0-2"):
         for m in ("dice", "hd95", "assd", "nsd"):
             res = compare(rows["skips-all"], rows[name], m, n=300)
-            from segment.evaluation.seed_noise import verdict
             comps.append({**res, "variant": name, "reference": "skips-all", "verdict": verdict(res, m)})
-    return level_finding(comps, seed_comparisons(seed_rows, 300, 0), dropped)
+    return comps
+
+
+def _finding(effect: float, noise: float) -> str:
+    seed_rows, dropped = _study(effect, noise)
+    return level_finding(_comparisons(seed_rows), seed_comparisons(seed_rows, 300, 0), dropped)
 
 
 def test_average_seeds_and_seed_differences_are_the_plain_numbers() -> None:
@@ -179,14 +185,7 @@ def test_level_finding_names_no_level_where_a_seed_missed_a_structure_everywhere
     noise on HD95/ASSD is unknown: a large effect must not be called 'beyond seed noise' on those metrics."""
     seed_rows, dropped = _study(1.0, 0.1)
     seed_rows["skips-0-2"][1] = _rows({c: math.nan for c in CASES}, dice=0.0, nsd=0.0)  # seed 1 found nothing
-    rows = {n: average_seeds(s) for n, s in seed_rows.items()}
-    from segment.evaluation.seed_noise import verdict
-
-    comps = []
-    for name in ("skips-1-2", "skips-0-2"):
-        for m in ("dice", "hd95", "assd", "nsd"):
-            res = compare(rows["skips-all"], rows[name], m, n=300)
-            comps.append({**res, "variant": name, "reference": "skips-all", "verdict": verdict(res, m)})
+    comps = _comparisons(seed_rows)
     seeds = seed_comparisons(seed_rows, 300, 0)
     assert "hd95" not in noise_levels(seeds) and "assd" not in noise_levels(seeds)
     text = level_finding(comps, seeds, dropped)
