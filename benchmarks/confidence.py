@@ -12,6 +12,7 @@ Prints the Spearman correlation of each score with Dice, and how many of the wor
 run's threshold (confidence.json, else the default) and below the score's own 10% quantile.
 
 usage: python benchmarks/confidence.py RUN [--data FOLDER] [--max-cases N] [--device cpu] [--json out.json]
+       python benchmarks/confidence.py KFOLD_RUN --held-out LABELLED_FOLDER   (cases no fold trained on)
 """
 
 from __future__ import annotations
@@ -111,6 +112,41 @@ def measure(run_dir: Path, data: Path | None, max_cases: int | None, device: str
     return result
 
 
+def measure_held_out(run_dir: Path, folder: Path, device: str) -> dict:
+    """An ensemble on cases none of its folds trained on (a labelled dataset folder): the shipped score (entropy of the
+    averaged probabilities) and fold agreement, against the ensemble's own Dice."""
+    from scipy.stats import spearmanr
+
+    from segment.data.labels import encode_labels
+    from segment.inference.confidence import ConfidenceStats
+    from segment.inference.predictor import Predictor
+    from segment.io.case import read_case
+    from segment.io.dataset import discover
+
+    ensemble = Predictor.from_checkpoint(run_dir, device)
+    singles = [Predictor(m, ensemble.plan, ensemble.config, device=device) for m in ensemble.members]
+    k = int(ensemble.config.model.out_channels)
+    rows, t0 = [], time.monotonic()
+    for case in discover(folder).cases:
+        data_ = read_case(case.images, case.label)
+        stats = ConfidenceStats()
+        joint = ensemble.predict_labels(data_.channels, data_.geometry, stats=stats)[0]
+        ref = encode_labels(data_.label, ensemble.plan, case.label)
+        members = [p.predict_labels(data_.channels, data_.geometry)[0] for p in singles]
+        rows.append({"case": case.name, "dice": _dice(joint, ref, k), "entropy": stats.score(),
+                     "fold_agreement": float(np.mean([_dice(m, joint, k) for m in members]))})
+    dice = np.array([r["dice"] for r in rows])
+    worst = set(np.argsort(dice)[: max(1, math.ceil(0.1 * len(rows)))].tolist())
+    scores = {}
+    for name in ("entropy", "fold_agreement"):
+        v = np.array([r[name] for r in rows])
+        cut = float(np.quantile(v, 0.1))
+        scores[name] = {"spearman_with_dice": float(spearmanr(v, dice).statistic),
+                        "worst10_below_own_10pct": int(sum(v[i] <= cut for i in worst)), "worst10": len(worst)}
+    return {"run": str(run_dir), "cases": len(rows), "mean_dice": float(dice.mean()), "scores": scores, "rows": rows,
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
@@ -118,7 +154,18 @@ def main() -> None:
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--held-out", type=Path, default=None,
+                        help="k-fold runs: a labelled folder of cases no fold trained on (scored by the ensemble)")
     args = parser.parse_args()
+    if args.held_out is not None:
+        result = measure_held_out(args.run, args.held_out, args.device)
+        print(f"{result['cases']} held-out cases, ensemble mean Dice {result['mean_dice']:.3f} ({result['seconds']} s)")
+        for name, s in result["scores"].items():
+            print(f"{name:<15} Spearman(score, Dice) {s['spearman_with_dice']:.3f}; worst 10% below the score's own 10% "
+                  f"quantile: {s['worst10_below_own_10pct']}/{s['worst10']}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return
     result = measure(args.run, args.data, args.max_cases, args.device)
     print(f"{result['cases']} validation cases of {result['run']}, mean Dice {result['mean_dice']:.3f}, "
           f"threshold {result['threshold']:.3f} ({result['seconds']} s)")
