@@ -157,3 +157,17 @@ def test_predict_writes_confidence_csv_and_flags(tmp_path: Path, monkeypatch: py
 
 def test_default_threshold_when_the_run_has_none() -> None:
     assert _predictor().threshold == DEFAULT_THRESHOLD
+
+
+def test_the_fingerprint_gathers_the_same_scan_profile_as_reading_the_cases_again(tmp_path: Path) -> None:
+    """Training writes scan_profile.json from the cases the fingerprint reads anyway; it must be the profile that
+    reading those cases once more would give."""
+    from segment.data.demo import make_demo_dataset
+    from segment.data.fingerprint import fingerprint
+    from segment.data.profile import dataset_profile
+    from segment.io.dataset import discover
+
+    dataset = discover(make_demo_dataset(tmp_path / "demo", n_cases=5, seed=4, progress=False))
+    gathered = fingerprint(dataset, max_intensity_cases=3)["scan_profile"]
+    assert gathered == dataset_profile(dataset, max_cases=3)
+    assert gathered["cases"] == 3

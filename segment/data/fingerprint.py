@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segment.data.profile import profile_of, scan_statistics
 from segment.io.case import read_case
 from segment.io.dataset import Dataset
 from segment.io.geometry import canonical_grid
@@ -58,7 +59,8 @@ def ordered_axes(centroids: list[dict[int, list[float]]], agreement: float = 0.9
 
 
 def fingerprint(dataset: Dataset, max_intensity_cases: int = 20, intensity_channels: Sequence[int] = (0,)) -> dict:
-    """Spacings, shapes (canonical axes), foreground intensity statistics and label layout of a dataset.
+    """Spacings, shapes (canonical axes), foreground intensity statistics and label layout of a dataset, and the scan
+    profile (`segment.data.profile`) of the cases it reads.
 
     The intensity statistics pool the foreground voxels of `intensity_channels` (the CT channels, whose normalisation
     uses them; channel 0 when there are none).
@@ -66,6 +68,7 @@ def fingerprint(dataset: Dataset, max_intensity_cases: int = 20, intensity_chann
     shapes, spacings = zip(*(_canonical_header(c.images[0]) for c in dataset.cases))
     fg: list[np.ndarray] = []
     centroids: list[dict[int, list[float]]] = []
+    stats: list[dict] = []
     step = max(1, len(dataset.cases) // max_intensity_cases)
     for case in dataset.cases[::step][:max_intensity_cases]:
         if case.label is None:
@@ -73,6 +76,7 @@ def fingerprint(dataset: Dataset, max_intensity_cases: int = 20, intensity_chann
         data = read_case(case.images, case.label)
         lab, geom = data.label, data.geometry
         assert lab is not None
+        stats.append(scan_statistics(data.channels, geom))
         mask = lab > 0
         vals = np.concatenate([data.channels[c][mask] for c in intensity_channels if c < len(data.channels)])
         if vals.size:
@@ -90,4 +94,6 @@ def fingerprint(dataset: Dataset, max_intensity_cases: int = 20, intensity_chann
         "fg_mean": float(fg_all.mean()),
         "fg_std": float(fg_all.std() + 1e-8),
         "fg_channels": [int(c) for c in intensity_channels],
+        # the out-of-distribution profile of the same cases (scan_profile.json; not part of fingerprint.json)
+        "scan_profile": profile_of(stats) if stats else None,
     }

@@ -44,7 +44,11 @@ def scan_statistics(channels: Sequence[np.ndarray], geometry: Geometry) -> dict[
 
 def scan_profile(scans: Sequence[tuple[Sequence[np.ndarray], Geometry]]) -> dict[str, Any]:
     """What the training scans look like: min and max over the scans of each statistic (scan_profile.json)."""
-    stats = [scan_statistics(c, g) for c, g in scans]
+    return profile_of([scan_statistics(c, g) for c, g in scans])
+
+
+def profile_of(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`scan_profile` from the `scan_statistics` of each scan (the fingerprint gathers them while it reads cases)."""
     out: dict[str, Any] = {"cases": len(stats), "percentiles_q": list(PERCENTILES)}
     for key in ("percentiles", "shape", "spacing", "extent_mm"):
         arr = np.array([s[key] for s in stats], dtype=np.float64)

@@ -96,10 +96,11 @@ def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: boo
         if writer:
             from segment.data.profile import dataset_profile
 
+            profile = fp.pop("scan_profile", None) or dataset_profile(dataset)
             root.write_plan(plan)
             root.write_fingerprint(fp)
             root.write_config(cfg)
-            root.write_json(root.PROFILE, dataset_profile(dataset))
+            root.write_json(root.PROFILE, profile)
             root.write_ensemble(folds, [root.fold(k).path.name for k in range(folds)], complete=False)
     total_s = parse_duration(cfg.train.max_time)
     per_fold = total_s / folds if total_s is not None else None

@@ -73,11 +73,13 @@ def _setup_run(cfg: Config, run: RunFolder, resume: bool, accelerator: str, plan
     if _rank_zero():
         from segment.data.profile import dataset_profile
 
+        # for predict's out-of-distribution check: the fingerprint's, when planning read the cases; else read them now
+        profile = fp.pop("scan_profile", None) or dataset_profile(dataset)
         run.write_plan(plan)
         if fp:
             run.write_fingerprint(fp)
         run.write_config(cfg)
-        run.write_json(run.PROFILE, dataset_profile(dataset))  # for predict's out-of-distribution check
+        run.write_json(run.PROFILE, profile)
     return cfg, plan, dataset
 
 
