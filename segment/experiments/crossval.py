@@ -113,18 +113,23 @@ def cross_validate(run_dir: Path, dataset: Any, device: str = "auto") -> tuple[l
     return table, threshold
 
 
+def trained_dataset(run: RunFolder) -> Any:
+    """The cases of the run's data folder (or the demo data), found again without reading every voxel: they were all
+    read and checked before training, and only the validation cases named in the run's split are scored."""
+    from segment.data.demo import ensure_demo_dataset
+    from segment.io.dataset import discover
+
+    return discover(run.read_config().data.root or ensure_demo_dataset(), check=False)
+
+
 def calibrate_run(run_dir: Path, dataset: Any = None, device: str = "auto") -> float | None:
     """After `segment train` (one model): score its validation cases as `segment predict` would, write val_cases.csv
     and the "check this case" threshold (confidence.json) that `segment predict -m RUN` then uses. Without `dataset`
-    the run's own data folder (or the demo data) is discovered again; its cases were checked before training."""
+    the run's own cases (`trained_dataset`)."""
     from segment.inference.confidence import FLAG_QUANTILE, choose_threshold
 
     run = RunFolder(run_dir)
-    if dataset is None:
-        from segment.data.demo import ensure_demo_dataset
-        from segment.io.dataset import discover
-
-        dataset = discover(run.read_config().data.root or ensure_demo_dataset(), check=False)
+    dataset = dataset if dataset is not None else trained_dataset(run)
     console.print("scoring the validation cases in their own geometry for the confidence threshold ...")
     rows = score_validation(run, dataset, device)
     _write_csv(rows, run / run.VAL_CASES, ["fold", "case", *COLUMNS])
@@ -143,12 +148,11 @@ def run_folds(cfg: Config, folds: int, output: Path | None = None, resume: bool 
               device: str = "auto") -> FoldsResult:
     """`segment train --folds K`: train the folds, then the cross-validation table and the confidence threshold."""
     from segment.device import global_rank
-    from segment.train.setup import load_dataset
 
     result = train_folds(cfg, folds, output=output, resume=resume)
     run = RunFolder(result.run_dir)
     if not result.folds and (run / run.CV_TABLE).is_file():
         console.print(f"every fold was finished earlier; cross-validation table: {run / run.CV_TABLE}")
     elif global_rank() == 0:
-        cross_validate(result.run_dir, load_dataset(RunFolder(result.run_dir).read_config()), device)
+        cross_validate(result.run_dir, trained_dataset(run), device)
     return result
