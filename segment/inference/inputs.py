@@ -7,17 +7,15 @@ are never taken as scans.
 from __future__ import annotations
 
 import glob
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from segment.errors import InputError
+from segment.io.dataset import CHANNEL_FILE, IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 OUTPUT_TAGS = ("_seg", "_probabilities")  # our own outputs, never treated as scans
-_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 
 
 @dataclass
@@ -57,11 +55,11 @@ def group_numbered(files: list[Path], channels: int) -> tuple[list[ScanCase], st
         members = [f for f in files if f.parent == folder]
         by_base: dict[str, dict[int, Path]] = {}
         for f in members:
-            m = _CHANNEL.match(_stem(f) or f.name)
+            m = CHANNEL_FILE.match(_stem(f) or f.name)
             if m and channels > 1:
                 by_base.setdefault(m.group(1), {})[int(m.group(2))] = f
         for f in members:
-            m = _CHANNEL.match(_stem(f) or f.name)
+            m = CHANNEL_FILE.match(_stem(f) or f.name)
             group = by_base.get(m.group(1)) if m and channels > 1 else None
             if group is not None and sorted(group) == list(range(channels)):
                 if f == group[0]:

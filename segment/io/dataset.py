@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 LABEL_SUFFIXES = ("_seg", "_labels", "_label", "_mask")
-_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net channel files: case_0000, case_0001, ...
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def _folders(root: Path) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
 
 def _group(images: dict[str, Path], labels: dict[str, Path]) -> dict[str, dict[int, Path]]:
     """Case name -> {channel: file}. `_0000` suffixes count as channels only if that pairs at least as well."""
-    matches = {stem: _CHANNEL.match(stem) for stem in images}
+    matches = {stem: CHANNEL_FILE.match(stem) for stem in images}
     as_channels = all(matches.values()) and (
         sum(m.group(1) in labels for m in matches.values() if m) >= sum(s in labels for s in images))
     cases: dict[str, dict[int, Path]] = {}
