@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One recipe comparison at equal wall time on MSD Hippocampus: arm A vs arm B, each a list of config overrides.
 
-Both arms get one plan, one split and the same `--budget`; with `--parallel` they train at the same time, one torch
+Both arms get one split, each arm the plan its overrides give (the same plan unless they change patch, batch or widths), and the same `--budget`; with `--parallel` they train at the same time, one torch
 thread each (on a 2-core machine: one core each, the same conditions for both). Final weights (last.ckpt) are scored
 on the validation cases in each scan's own geometry (Dice, HD95, ASSD, NSD; mean over classes per case) and `B − A`
 is given with paired bootstrap 95% intervals over the cases.
@@ -55,8 +55,10 @@ def setup(args: argparse.Namespace):
     cfg = arm_config(args, "a")
     dataset = load_dataset(cfg)
     split = make_split([c.name for c in dataset.cases], cfg.seed, cfg.data.val_fraction, cfg.data.folds, cfg.data.fold)
-    plan, _ = plan_run(dataset, cfg, device=training_accelerator(cfg.train.accelerator))
-    return dataset, split, plan
+    # one plan per arm: an arm that changes the patch, batch or widths gets them (the same plan when it does not)
+    plans = {arm: plan_run(dataset, arm_config(args, arm), device=training_accelerator(cfg.train.accelerator))[0]
+             for arm in ("a", "b")}
+    return dataset, split, plans
 
 
 def train_arm(args: argparse.Namespace, arm: str, plan, split) -> Path:
@@ -71,16 +73,16 @@ def train_arm(args: argparse.Namespace, arm: str, plan, split) -> Path:
 
 def main() -> None:
     args = parse_args()
-    dataset, split, plan = setup(args)
+    dataset, split, plans = setup(args)
     if args.only:
-        train_arm(args, args.only, plan, split)
+        train_arm(args, args.only, plans[args.only], split)
         return
     if args.parallel:
         cmd = [sys.executable, __file__, *sys.argv[1:]]
         children = [subprocess.Popen([*cmd, "--only", arm]) for arm in ("a", "b")]
         if any(c.wait() != 0 for c in children):
             sys.exit("an arm failed; see its output above")
-    runs = {arm: train_arm(args, arm, plan, split) for arm in ("a", "b")}
+    runs = {arm: train_arm(args, arm, plans[arm], split) for arm in ("a", "b")}
 
     from segment.evaluation.evaluate import load_predictor, score_cases
     from segment.evaluation.metrics import METRICS

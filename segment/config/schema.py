@@ -93,6 +93,10 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of cases held out for validation (when fold is null)")
     folds: int = Field(5, ge=2, description="number of folds for k-fold splits")
     fold: int | None = Field(None, ge=0, description="use this fold of a k-fold split; null = one seeded split")
+    train_on_all: bool = Field(
+        False, description="train on the validation cases too (a final model from every case): validation then only "
+        "monitors progress, its Dice is optimistic and the confidence threshold is not calibrated",
+    )
     max_cases: int | None = Field(None, ge=2, description="use only the first N cases (quick experiments)")
     skip_bad: bool = Field(False, description="train on the cases that pass the pre-training check and list the others in skipped.json; false = stop with the list of problems")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -144,6 +148,10 @@ class ModelConfig(_Strict):
     skip_connections: SkipSpec = Field("all", description="'all', 'none', or list of levels to keep (0 = highest resolution)")
     norm: Literal["instance", "batch"] = Field("instance", description="normalisation layer")
     act: Literal["leakyrelu", "relu"] = Field("leakyrelu", description="activation")
+    encoder_block: Literal["residual", "plain"] = Field(
+        "residual", description="encoder block: residual (two convs + identity or 1x1 shortcut) or plain (the same two "
+        "conv-norm-act layers without the shortcut)",
+    )
     preactivation: bool = Field(False, description="pre-activation residual blocks (norm-act-conv)")
     zero_init_residual: bool = Field(True, description="zero the last norm scale in each residual branch")
     shortcut: Literal["conv", "avgpool"] = Field(
@@ -215,6 +223,13 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     dice_weight: float = Field(1.0, ge=0, description="weight of the Dice term in the loss")
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
+    batch_dice: bool = Field(
+        True, description="Dice over the whole batch as one volume (nnU-Net's batch Dice); false = per patch, then averaged",
+    )
+    ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="keep an exponential moving average of the weights with this decay (e.g. 0.99; "
+        "Lightning's WeightAveraging): validation and the saved checkpoints use the average; null = off",
+    )
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = Field("auto", description="auto: 16/bf16 on CUDA, bf16 on capable CPUs")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator")
     devices: Union[int, str] = Field("auto", description="number of devices or 'auto'")

@@ -43,6 +43,14 @@ def make_split(names: Sequence[str], seed: int, val_fraction: float, folds: int,
     return {"train": sorted(n for n in order if n not in val_set), "val": sorted(val)}
 
 
+def training_split(split: dict[str, list[str]], cfg: Config) -> dict[str, list[str]]:
+    """The cases training draws from: the split's training half, or with `data.train_on_all` every case of the split
+    (the validation cases then only monitor progress)."""
+    if not cfg.data.train_on_all:
+        return split
+    return {"train": sorted(split["train"] + split["val"]), "val": list(split["val"])}
+
+
 def check_split(split: dict[str, list[str]], dataset: Dataset, source: str = "split") -> None:
     """Every named case must exist, and no case may be in both halves."""
     names = {c.name for c in dataset.cases}

@@ -129,6 +129,10 @@ def calibrate_run(run_dir: Path, dataset: Any = None, device: str = "auto") -> f
     from segment.inference.confidence import FLAG_QUANTILE, choose_threshold
 
     run = RunFolder(run_dir)
+    if run.read_config().data.train_on_all:
+        console.print("no confidence threshold: data.train_on_all trained on the validation cases too, so they cannot "
+                      "calibrate it; predict uses the default threshold")
+        return None
     dataset = dataset if dataset is not None else trained_dataset(run)
     console.print("scoring the validation cases in their own geometry for the confidence threshold ...")
     rows = score_validation(run, dataset, device)

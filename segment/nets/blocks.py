@@ -109,8 +109,8 @@ class ResidualBlock(nn.Module):
     identity shortcut is exactly the identity (pre-activation) or exactly `act(x)` (post-activation); a block with
     a projection equals `shortcut(x)` resp. `act(shortcut(x))`.
 
-    `residual=False` drops the shortcut (a plain conv stack of the same depth); it exists for the gradient-flow
-    comparison in the tests and is deliberately not a config field.
+    `residual=False` drops the shortcut (a plain conv stack of the same depth: conv-norm-act-conv-norm-act), as
+    `model.encoder_block: plain` builds it; zero_init then does nothing.
     """
 
     def __init__(self, dims: int, cin: int, cout: int, *, stride: int | Sequence[int] = 1, padding: Padding = "same",

@@ -112,13 +112,13 @@ class UNet(nn.Module):
 
     One 1x1 head per decoder level is always built (level 0 = the main output), so checkpoint keys never depend on
     `cfg.deep_supervision`; whether the auxiliary outputs enter the loss is the trainer's business.
-    `residual=False` (not a config field) builds the same network without shortcuts, for the gradient-flow test.
+    `cfg.encoder_block="plain"` (or `residual=False`) builds the same network without the encoder's shortcuts.
     """
 
     def __init__(self, cfg: ModelConfig, *, residual: bool = True) -> None:
         super().__init__()
         self.cfg = cfg.model_copy(deep=True)
-        self.encoder = Encoder(cfg, residual=residual)
+        self.encoder = Encoder(cfg, residual=residual and cfg.encoder_block == "residual")
         self.decoder = Decoder(self.encoder.channels, cfg.kept_skips(), dims=cfg.spatial_dims, blocks=cfg.decoder_blocks,
                                padding=cfg.padding, norm=cfg.norm, act=cfg.act, upsample=cfg.upsample,
                                strides=cfg.stride_list(), kernels=cfg.kernel_list())

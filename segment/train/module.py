@@ -31,7 +31,7 @@ class SegmentationModule(pl.LightningModule):
         self.model = build_model(self.cfg.model)
         t = self.cfg.train
         self.loss_fn = DiceCELoss(
-            to_onehot_y=True, softmax=True, lambda_dice=t.dice_weight, lambda_ce=t.ce_weight, batch=True,
+            to_onehot_y=True, softmax=True, lambda_dice=t.dice_weight, lambda_ce=t.ce_weight, batch=t.batch_dice,
         )
         self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
         self.max_time_s = max_time_s

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segment.config import Config, parse_duration
-from segment.data.pipeline import check_split, make_loaders, make_split
+from segment.data.pipeline import check_split, make_loaders, make_split, training_split
 from segment.data.plan import Plan
 from segment.device import cpu_bf16_speedup, training_accelerator, training_precision
 from segment.io.dataset import Dataset
@@ -162,6 +162,10 @@ def train(
     console.print(plan_table(plan, precision, accelerator, cfg.seed))
     split = _choose_split(run, dataset, cfg, split, resume)
     console.print(f"split: {len(split['train'])} training / {len(split['val'])} validation cases (saved in {run.split_path})")
+    if cfg.data.train_on_all:  # a final model from every case: the validation cases only monitor progress
+        split = training_split(split, cfg)
+        console.print(f"data.train_on_all: training on all {len(split['train'])} cases; the {len(split['val'])} "
+                      "validation cases are trained on too, so validation Dice is optimistic")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the run's seed (a resumed run's own), after planning
     train_loader, val_loader = make_loaders(dataset, split, plan, cfg)
 
@@ -171,7 +175,12 @@ def train(
     module = SegmentationModule(cfg.model_dump(mode="json"), plan.to_dict(), max_time_s=max_time_s)
     module.clock = clock(max_time_s)
     module.val_cases = val_loader.sampler  # the ValOrder whose monitor subset and rotation the module sets
-    trainer = _trainer(cfg, run, precision, accelerator, [module.clock, RunState(train_loader.sampler)])
+    extra: list = [module.clock, RunState(train_loader.sampler)]
+    if cfg.train.ema_decay is not None:
+        from segment.train.ema import EMA
+
+        extra.append(EMA(cfg.train.ema_decay))
+    trainer = _trainer(cfg, run, precision, accelerator, extra)
     t0 = time.monotonic()
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_checkpoint) if resume else None)
     return _finish(trainer, run, time.monotonic() - t0)
