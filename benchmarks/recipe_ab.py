@@ -33,6 +33,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--budget", default="8m")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-recipe")
+    ap.add_argument("--holdout", action="store_true",
+                    help="score on the split's validation cases as a test set no arm sees; both arms train on the "
+                    "other cases, split again 80/20 (an arm with data.train_on_all=true trains on all of them)")
     ap.add_argument("--parallel", action="store_true", help="train both arms at once, one thread each")
     ap.add_argument("--only", choices=["a", "b"], help=argparse.SUPPRESS)  # a child of --parallel
     return ap.parse_args()
@@ -58,7 +61,9 @@ def setup(args: argparse.Namespace):
     # one plan per arm: an arm that changes the patch, batch or widths gets them (the same plan when it does not)
     plans = {arm: plan_run(dataset, arm_config(args, arm), device=training_accelerator(cfg.train.accelerator))[0]
              for arm in ("a", "b")}
-    return dataset, split, plans
+    # what the arms train on: the same split, or with --holdout the training half split again (the test set unseen)
+    inner = make_split(split["train"], cfg.seed, cfg.data.val_fraction, cfg.data.folds, None) if args.holdout else split
+    return dataset, split, inner, plans
 
 
 def train_arm(args: argparse.Namespace, arm: str, plan, split) -> Path:
@@ -73,16 +78,16 @@ def train_arm(args: argparse.Namespace, arm: str, plan, split) -> Path:
 
 def main() -> None:
     args = parse_args()
-    dataset, split, plans = setup(args)
+    dataset, split, inner, plans = setup(args)
     if args.only:
-        train_arm(args, args.only, plans[args.only], split)
+        train_arm(args, args.only, plans[args.only], inner)
         return
     if args.parallel:
         cmd = [sys.executable, __file__, *sys.argv[1:]]
         children = [subprocess.Popen([*cmd, "--only", arm]) for arm in ("a", "b")]
         if any(c.wait() != 0 for c in children):
             sys.exit("an arm failed; see its output above")
-    runs = {arm: train_arm(args, arm, plans[arm], split) for arm in ("a", "b")}
+    runs = {arm: train_arm(args, arm, plans[arm], inner) for arm in ("a", "b")}
 
     from segment.evaluation.evaluate import load_predictor, score_cases
     from segment.evaluation.metrics import METRICS
@@ -97,7 +102,8 @@ def main() -> None:
         rows[arm] = score_cases(load_predictor(run.last_checkpoint), val, arm_config(args, arm).evaluate)
         info[arm] = run.read_summary()
     lines = [f"{args.name}: A = {args.a or ['defaults']}, B = {args.b or ['defaults']}, budget {args.budget} each"
-             + (", in parallel, one thread each" if args.parallel else ""),
+             + (", in parallel, one thread each" if args.parallel else "")
+             + (f"; scored on {len(val)} held-out cases no arm trained on" if args.holdout else ""),
              "| arm | steps | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
     means = {}
     for arm in ("a", "b"):
