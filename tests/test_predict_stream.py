@@ -191,3 +191,25 @@ def test_predictor_streams_labels_and_uint8_probabilities(net: torch.nn.Module) 
     np.testing.assert_allclose(probs / 255.0, exact, atol=0.5 / 255 + 1e-6)
     np.testing.assert_allclose(exact.sum(0), 1.0, atol=1e-5)
     assert (labels == exact.argmax(0)).mean() > 0.999
+
+
+def test_mirrorings_share_window_batches_with_the_same_probabilities(net: torch.nn.Module) -> None:
+    """A scan smaller than the patch has one window per mirroring: 8 mirrorings run as 4 forward passes of 2 windows
+    (not 8 of 1), and the probabilities are still the all-classes path's."""
+    torch.manual_seed(4)
+    x = torch.nn.functional.avg_pool3d(torch.randn(1, 1, 21, 30, 19), 5, stride=1, padding=2)
+    plan = _plan([24, 32, 24])
+    batches: list[int] = []
+    hook = net.register_forward_pre_hook(lambda _m, args: batches.append(int(args[0].shape[0])))
+    try:
+        with torch.inference_mode():
+            _, exact = predict_canonical_labels(net, x, plan, OUT, overlap=0.5, sw_batch_size=2, blend="gaussian",
+                                                tta=True, mirror_axes=[0, 1, 2], want_probabilities=True,
+                                                probability_dtype=np.float32)
+    finally:
+        hook.remove()
+    assert batches[-4:] == [2, 2, 2, 2] and sum(batches[-4:]) == 8 and len(batches) == 4
+    with torch.inference_mode():
+        old = _old(net, x, plan, True)
+    assert exact is not None
+    np.testing.assert_allclose(exact, old.numpy(), atol=1e-5)

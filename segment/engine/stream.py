@@ -87,32 +87,6 @@ def _overlap(corner: Corner, roi: Sequence[int], shape: Sequence[int], axis: int
     return tuple(dst), tuple(src)
 
 
-def blended_slab(model: nn.Module, x: Tensor, roi: Sequence[int], corners: list[Corner], flipped: Sequence[int],
-                 axis: int, lo: int, hi: int, *, sw_batch_size: int, blend: str) -> Tensor:
-    """Blended logits (K, *slab) of rows [lo, hi) along `axis`: what MONAI gives there for the whole (mirrored) image."""
-    shape = tuple(x.shape[2:])
-    slab = tuple(hi - lo if d == axis else n for d, n in enumerate(shape))
-    dims = [2 + d for d in flipped]
-    weight = _weight_map(tuple(roi), blend, str(x.device))
-    weight = weight.flip([d - 2 for d in dims]) if dims else weight
-    hits = [c for c in corners if c[axis] < hi and c[axis] + roi[axis] > lo]
-    acc: Tensor | None = None
-    count = torch.zeros((1, *slab), device=x.device, dtype=torch.float32)
-    for k in range(0, len(hits), sw_batch_size):
-        group = hits[k:k + sw_batch_size]
-        batch = torch.cat([_crop(x, c, roi) for c in group])
-        logits = model(batch.flip(dims) if dims else batch).float()
-        logits = logits.flip(dims) if dims else logits
-        if acc is None:
-            acc = torch.zeros((logits.shape[1], *slab), device=x.device, dtype=torch.float32)
-        for corner, window in zip(group, logits):
-            dst, src = _overlap(corner, roi, shape, axis, lo, hi)
-            acc[(slice(None), *dst)].addcmul_(window[(slice(None), *src)], weight[src])
-            count[(slice(None), *dst)] += weight[src]
-    assert acc is not None  # every row lies in some window
-    return acc.div_(count)
-
-
 def _softmax_(logits: Tensor) -> Tensor:
     """Softmax over axis 0 in place: a slab's logits are the biggest tensor here, so no second copy is made."""
     logits.sub_(logits.amax(0, keepdim=True)).exp_()
@@ -121,13 +95,39 @@ def _softmax_(logits: Tensor) -> Tensor:
 
 def slab_probabilities(model: nn.Module, x: Tensor, roi: Sequence[int], grids: dict[tuple[int, ...], list[Corner]],
                        axis: int, lo: int, hi: int, *, sw_batch_size: int, blend: str) -> Tensor:
-    """Probabilities (K, *slab) of rows [lo, hi), averaged over the mirrorings in `grids` (spatial axes -> corners)."""
+    """Probabilities (K, *slab) of rows [lo, hi), averaged over the mirrorings in `grids` (spatial axes -> corners).
+
+    Each mirroring's windows are blended as MONAI blends them on the whole (mirrored) image (a voxel's weights come
+    from the windows that cover it), but the window batches are filled across mirrorings, in order: a scan smaller than the patch has one window per mirroring, and 8 mirrorings then run as
+    4 forward passes of 2 windows instead of 8 of 1 (2 windows cost 25 ms per window on a 2-core CPU, 1 window
+    29 ms: BENCHMARKS.md). At most `sw_batch_size` mirrorings' blended logits are held at once, plus the sum.
+    """
+    shape = tuple(x.shape[2:])
+    slab = tuple(hi - lo if d == axis else n for d, n in enumerate(shape))
+    base = _weight_map(tuple(roi), blend, str(x.device))
+    jobs = [(flipped, c) for flipped, corners in grids.items() for c in corners if c[axis] < hi and c[axis] + roi[axis] > lo]
+    left = {flipped: sum(1 for f, _ in jobs if f == flipped) for flipped in grids}
+    acc: dict[tuple[int, ...], Tensor] = {}
+    count: dict[tuple[int, ...], Tensor] = {}
     total: Tensor | None = None
-    for flipped, corners in grids.items():
-        probs = _softmax_(blended_slab(model, x, roi, corners, flipped, axis, lo, hi,
-                                       sw_batch_size=sw_batch_size, blend=blend))
-        total = probs if total is None else total.add_(probs)
-    assert total is not None
+    for k in range(0, len(jobs), sw_batch_size):
+        group = jobs[k:k + sw_batch_size]
+        batch = torch.cat([_crop(x, c, roi).flip([2 + d for d in f]) if f else _crop(x, c, roi) for f, c in group])
+        logits = model(batch).float()
+        for (flipped, corner), window in zip(group, logits):
+            window = window.flip([1 + d for d in flipped]) if flipped else window  # back to the unmirrored image
+            weight = base.flip(list(flipped)) if flipped else base
+            if flipped not in acc:
+                acc[flipped] = torch.zeros((window.shape[0], *slab), device=x.device, dtype=torch.float32)
+                count[flipped] = torch.zeros((1, *slab), device=x.device, dtype=torch.float32)
+            dst, src = _overlap(corner, roi, shape, axis, lo, hi)
+            acc[flipped][(slice(None), *dst)].addcmul_(window[(slice(None), *src)], weight[src])
+            count[flipped][(slice(None), *dst)] += weight[src]
+            left[flipped] -= 1
+            if not left[flipped]:  # every window of this mirroring is in: its probabilities join the sum
+                probs = _softmax_(acc.pop(flipped).div_(count.pop(flipped)))
+                total = probs if total is None else total.add_(probs)
+    assert total is not None and not acc  # every row lies in some window of every mirroring
     return total.div_(len(grids)) if len(grids) > 1 else total
 
 
@@ -272,7 +272,8 @@ def predict_canonical_labels(
     grids = {tuple(d - 2 for d in f): window_corners(grid, roi, overlap, [d - 2 for d in f]) for f in flips}
     k = num_classes(members[0], x, roi)
     step = max(1, int(roi[axis] * (1 - overlap)))  # MONAI's window interval
-    copies = (1 if len(grids) == 1 else 2) + (1 if n > 1 else 0)  # the members' sum is one more slab
+    # the sum of the mirrorings, plus up to a window batch of mirrorings being blended; the members' sum is one more
+    copies = (1 if len(grids) == 1 else 1 + min(batch, len(grids))) + (1 if n > 1 else 0)
     rows = slab_rows(k, grid, roi, axis, copies=copies, step=step, slab_voxels=slab_voxels)
     writer = CanonicalWriter(k, grid, out_shape, axis, probabilities=want)
     for lo in range(0, grid[axis], rows):
