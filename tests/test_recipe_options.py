@@ -101,3 +101,11 @@ def test_train_on_all_trains_on_the_validation_cases_too() -> None:
     assert training_split(split, Config()) == split
     widened = training_split(split, Config(data=DataConfig(train_on_all=True)))
     assert widened == {"train": ["a", "b", "c", "d"], "val": ["d"]}
+
+
+def test_planned_widths_keep_the_given_stages_and_double_the_last() -> None:
+    from segment.data.plan import planned_widths
+
+    assert planned_widths([8, 32, 64, 128], 5) == [8, 32, 64, 128, 256]
+    assert planned_widths([8, 32, 64, 128], 3) == [8, 32, 64]
+    assert planned_widths([16, 32, 64, 128], 6) == [16, 32, 64, 128, 256, 512]  # make_plan then caps at 320

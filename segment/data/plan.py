@@ -209,6 +209,15 @@ def _round_to_strides(patch: Sequence[float], strides: Sequence[Sequence[int]]) 
     return [max(m * 2, _round_up(p, m)) for p, m in zip(patch, multiples)]
 
 
+def planned_widths(given: list[int], depth: int) -> list[int]:
+    """Channels per stage for a planned depth: the given widths, cut to `depth` or continued by doubling the last
+    (so a cheap first stage such as [8, 32, 64, 128] keeps its shape at any depth)."""
+    widths = list(given[:depth])
+    while len(widths) < depth:
+        widths.append(widths[-1] * 2)
+    return widths
+
+
 def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan, dict]:
     """Plan spacing, patch, depth and batch from the fingerprint; config values override planned ones.
 
@@ -247,9 +256,7 @@ def make_plan(dataset: Dataset, cfg: Config, device: str = "cpu") -> tuple[Plan,
         if cfg.data.patch_size:
             patch = list(cfg.data.patch_size)
             depth = len(cfg.model.features)
-    base = cfg.model.features
-    features = base if len(base) == depth else [base[0] * 2**i for i in range(depth)]
-    features = [min(f, 320) for f in features]
+    features = [min(f, 320) for f in planned_widths(cfg.model.features, depth)]
     batch = cfg.data.batch_size or int(np.clip(step_voxels(device) // int(np.prod(patch)), 2, 16))
     modality = kinds[0] if len(set(kinds)) == 1 else "mixed"
     labels, values = values_to_classes(dataset.labels)
