@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from segment.config import Config, dump_config, validate
+from segment.config import Config, dump_config, stored_config, validate
 from segment.data.plan import Plan
 from segment.errors import InputError
 from segment.io.files import replaced_atomically
@@ -180,7 +180,7 @@ class RunFolder:
             raw = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as err:
             raise InputError(f"{path}: not a readable run config ({type(err).__name__})") from None
-        return validate(raw if isinstance(raw, dict) else {}, str(path))
+        return validate(stored_config(raw) if isinstance(raw, dict) else {}, str(path))
 
     def write_config(self, cfg: Config) -> Path:
         return atomic_write_text(self.path / self.CONFIG, dump_config(cfg))

@@ -61,14 +61,14 @@ def test_prostate_plan_pools_the_coarse_axis_only_once_the_others_catch_up(monke
     assert plan.strides == PROSTATE_STRIDES
     assert plan.kernels == PROSTATE_KERNELS
     assert plan.patch_size == [112, 112, 20]
-    assert plan.features == [16, 32, 64, 128, 256]  # 5 stages: widths double from the base 16
+    assert plan.features == [8, 32, 64, 128, 256]  # 5 stages: the default widths, the last doubled
     for axis, n in enumerate(plan.patch_size):  # divisible by the product of the strides along each axis
         assert n % math.prod(r[axis] for r in plan.strides) == 0
     assert plan.batch_size == 2  # 448,000 // 250,880 = 1 -> at least 2
     # the same data planned the old way pools z with x and y at every level, so z (20 voxels: log2(20 / 4) = 2.3) limits
     # the whole net to 2 pools, 3 stages
     old, _ = make_plan(_dataset(3), Config(data=DataConfig(anisotropic=False)), device="cpu")
-    assert old.strides is None and old.kernels is None and old.features == [16, 32, 64]
+    assert old.strides is None and old.kernels is None and old.features == [8, 32, 64]
 
 
 def test_isotropic_fingerprint_gives_todays_plan_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,7 +78,7 @@ def test_isotropic_fingerprint_gives_todays_plan_exactly(monkeypatch: pytest.Mon
     old, _ = make_plan(_dataset(3), Config(data=DataConfig(anisotropic=False)), device="cpu")
     assert new.to_dict() == old.to_dict()
     assert new.strides is None and new.kernels is None
-    assert (new.spacing, new.patch_size, new.features, new.batch_size) == ([1.0, 1.0, 1.0], [40, 56, 40], [16, 32, 64, 128], 5)
+    assert (new.spacing, new.patch_size, new.features, new.batch_size) == ([1.0, 1.0, 1.0], [40, 56, 40], [8, 32, 64, 128], 5)
     # within a factor 2 is still "isotropic": 0.8 x 0.8 x 1.5 mm pools every axis at every level, as before
     _fake_fingerprint(monkeypatch, shapes, [[0.8, 0.8, 1.5]] * 3)
     off = Config(data=DataConfig(anisotropic=False))
@@ -102,7 +102,7 @@ def test_default_plans_thick_slice_ct_per_axis(monkeypatch: pytest.MonkeyPatch) 
     assert plan.median_shape == [512, 512, 119]
     assert plan.strides == [[2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 1]]
     assert plan.kernels == [[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
-    assert plan.patch_size == [96, 96, 32] and plan.features == [16, 32, 64, 128, 256]
+    assert plan.patch_size == [96, 96, 32] and plan.features == [8, 32, 64, 128, 256]
     assert plan.batch_size == 2  # 448,000 // 294,912 = 1 -> at least 2
 
 

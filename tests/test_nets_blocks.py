@@ -15,7 +15,7 @@ from segment.nets.blocks import init_weights, make_act, make_norm
 
 def model_of(**kw: object) -> nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(**{"spatial_dims": 2, "features": [4, 8, 8], **kw}))
+    return build_model(ModelConfig(**{"spatial_dims": 2, "features": [4, 8, 8], "encoder_block": "residual", **kw}))
 
 
 # ---- residual blocks at init ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from segment.nets.unet import UNet
 def first_conv_grad(blocks: int, residual: bool, seed: int = 0) -> float:
     """Gradient norm reaching the very first encoder conv after one cross-entropy backward pass."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(spatial_dims=2, features=[8, 16], blocks_per_stage=blocks, zero_init_residual=False,
+    cfg = ModelConfig(spatial_dims=2, features=[8, 16], blocks_per_stage=blocks, zero_init_residual=False, encoder_block="residual",
                       skip_connections="none")
     model = UNet(cfg, residual=residual)
     g = torch.Generator().manual_seed(100 + seed)
@@ -41,7 +41,7 @@ def test_residual_shortcuts_keep_first_layer_gradient_stable_with_depth() -> Non
 def test_zero_init_gives_shortcut_only_gradient_to_first_branch() -> None:
     """With zero-initialised residual scales the branch convs get no gradient at step 0 (only the scales do)."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(spatial_dims=2, features=[4, 8], blocks_per_stage=2))
+    model = build_model(ModelConfig(spatial_dims=2, features=[4, 8], blocks_per_stage=2, encoder_block="residual"))
     nn.functional.cross_entropy(model(torch.randn(2, 1, 12, 12)), torch.randint(0, 2, (2, 12, 12))).backward()
     block = model.encoder.stages[0][1]
     assert block.branch[0].weight.grad.abs().max() == 0

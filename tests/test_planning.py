@@ -77,8 +77,8 @@ def test_ct_plan_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan.spacing == pytest.approx([0.7, 0.7, 2.5])
     assert plan.median_shape == [512, 512, 100]
     assert plan.patch_size == [64, 64, 72]
-    # depth 4 = len of the default [16, 32, 64, 128]: kept as is
-    assert plan.features == [16, 32, 64, 128]
+    # depth 4 = len of the default [8, 32, 64, 128]: kept as is
+    assert plan.features == [8, 32, 64, 128]
     # 448,000 voxels per CPU step // (64 * 64 * 72 = 294,912) = 1, raised to the minimum batch of 2
     assert plan.batch_size == 2
     assert plan.modality == "ct" and plan.channels == 1 and plan.num_cases == 3
@@ -92,7 +92,7 @@ def test_ct_plan_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     plan, _ = make_plan(_dataset(3, "ct"), ISOTROPIC, device="cuda")
     assert plan.patch_size == [160, 160, 112]
     # depth 5 != 4 stages given: widths double from the base 16
-    assert plan.features == [16, 32, 64, 128, 256]
+    assert plan.features == [8, 32, 64, 128, 256]
     # 2 * 128^3 = 4,194,304 // (160 * 160 * 112 = 2,867,200) = 1 -> 2
     assert plan.batch_size == 2
     # widths are capped at 320
@@ -105,7 +105,7 @@ def test_mr_plan_for_a_35x50x36_median(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_fingerprint(monkeypatch, shapes, [[1.0, 1.0, 1.0]] * 3)
     cpu, _ = make_plan(_dataset(3, "mri"), Config(), device="cpu")
     assert cpu.spacing == [1.0, 1.0, 1.0] and cpu.median_shape == [35, 50, 36]
-    assert cpu.patch_size == [40, 56, 40] and cpu.features == [16, 32, 64, 128]
+    assert cpu.patch_size == [40, 56, 40] and cpu.features == [8, 32, 64, 128]
     assert cpu.batch_size == 5  # 448,000 // (40 * 56 * 40 = 89,600) = 5
     assert cpu.modality == "mri"
     cuda, _ = make_plan(_dataset(3, "mri"), Config(), device="cuda")
@@ -121,7 +121,7 @@ def test_config_values_override_planned_ones(monkeypatch: pytest.MonkeyPatch) ->
     # shapes at 1.4 x 1.4 x 5: 256x256x50, 256x256x54, 219x219x40 -> median 256 x 256 x 50
     assert plan.median_shape == [256, 256, 50]
     assert plan.patch_size == [48, 48, 32] and plan.batch_size == 3 and plan.ct_clip == [-50.0, 150.0]
-    assert plan.features == [16, 32, 64, 128]  # a given patch keeps the configured depth
+    assert plan.features == [8, 32, 64, 128]  # a given patch keeps the configured depth
 
 
 def test_median_shape_is_the_shape_preprocessing_produces(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,7 +175,7 @@ def test_plan_of_tiny_files(tiny_ct: Dataset) -> None:
     # at 1 x 1 x 2.5: 6x5x3.2 -> 6x5x3, 12x5x4.8 -> 12x5x5, 4.8x8.4x4 -> 5x8x4; median 6 x 5 x 4
     assert plan.median_shape == [6, 5, 4]
     # min 4 -> depth 2, multiple 2, at least 4: 6, 5 -> 6, 4
-    assert plan.patch_size == [6, 6, 4] and plan.features == [16, 32]
+    assert plan.patch_size == [6, 6, 4] and plan.features == [8, 32]
     assert plan.batch_size == 16  # 448,000 // 144, capped at 16
     assert plan.ct_clip == pytest.approx([10.25, 59.75]) and plan.ct_mean == pytest.approx(35.0)
     assert plan.num_cases == 3 and plan.labels == {0: "background", 1: "organ"}

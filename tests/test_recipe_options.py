@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plain_encoder_is_the_residual_network_without_its_shortcuts() -> None:
-    residual = build_model(ModelConfig(features=[4, 8, 16]))
+    residual = build_model(ModelConfig(features=[4, 8, 16], encoder_block="residual"))
     plain = build_model(ModelConfig(features=[4, 8, 16], encoder_block="plain"))
     keys_r, keys_p = set(residual.state_dict()), set(plain.state_dict())
     assert keys_p < keys_r and all(".shortcut." in k for k in keys_r - keys_p)
@@ -109,3 +109,21 @@ def test_planned_widths_keep_the_given_stages_and_double_the_last() -> None:
     assert planned_widths([8, 32, 64, 128], 5) == [8, 32, 64, 128, 256]
     assert planned_widths([8, 32, 64, 128], 3) == [8, 32, 64]
     assert planned_widths([16, 32, 64, 128], 6) == [16, 32, 64, 128, 256, 512]  # make_plan then caps at 320
+
+
+def test_a_checkpoint_from_before_plain_became_the_default_still_loads_as_residual(tmp_path) -> None:
+    """Runs written before `encoder_block` existed were residual: their stored config has no such field, and they must
+    rebuild the residual network (strict load), while a config without the field given today means plain."""
+    from segment.inference.loading import load_checkpoint
+
+    cfg = Config(model=ModelConfig(features=[4, 8], out_channels=2, encoder_block="residual"))
+    raw = cfg.model_dump(mode="json")
+    del raw["model"]["encoder_block"]  # as an older segment wrote it
+    net = build_model(cfg.model)
+    plan = Plan(spacing=[1.0, 1.0, 1.0], patch_size=[8, 8, 8], batch_size=2, features=[4, 8], modality="mri",
+                channels=1, labels={0: "background", 1: "a"})
+    torch.save({"hyper_parameters": {"config": raw, "plan": plan.to_dict()},
+                "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "old.ckpt")
+    model, _, loaded = load_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.model.encoder_block == "residual" and any(".shortcut." in k for k in model.state_dict())
+    assert Config.model_validate({"model": {k: v for k, v in raw["model"].items()}}).model.encoder_block == "plain"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from segment.config import ModelConfig, validate
+from segment.config import ModelConfig, stored_config, validate
 from segment.errors import ConfigError
 from segment.nets import ResidualBlock, build_model
 from segment.nets.blocks import init_weights
@@ -95,7 +95,7 @@ def test_both_shortcuts_match_the_branch_shape(padding: str, stride: tuple[int, 
 @pytest.mark.parametrize("strides,kernels", [(None, None), ([[2, 2, 1], [2, 2, 2]], [[3, 3, 1], [3, 3, 3], [3, 3, 3]])])
 def test_avgpool_model_has_the_geometry_of_the_conv_model(padding: str, strides: object, kernels: object) -> None:
     kw = dict(spatial_dims=3, features=[4, 8, 8], padding=padding, strides=strides, kernels=kernels, blocks_per_stage=2)
-    conv, pool = build_model(ModelConfig(**kw)), build_model(ModelConfig(**kw, shortcut="avgpool"))
+    conv, pool = build_model(ModelConfig(**kw, encoder_block="residual")), build_model(ModelConfig(**kw, shortcut="avgpool", encoder_block="residual"))
     size = conv.input_size_for([12, 12, 12 if strides is None else 7])
     assert pool.output_size(size) == conv.output_size(size)
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_gradient_reaches_every_input_voxel_through_avgpool_but_one_per_block_th
 
 def test_avgpool_model_trains_every_shortcut() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(spatial_dims=3, features=[4, 8, 8], shortcut="avgpool", zero_init_residual=False))
+    model = build_model(ModelConfig(spatial_dims=3, features=[4, 8, 8], shortcut="avgpool", zero_init_residual=False, encoder_block="residual"))
     out = model(torch.randn(2, 1, 16, 16, 16))
     out.logsumexp(1).mean().backward()
     grads = [p.grad for n, p in model.named_parameters() if "shortcut" in n]
@@ -147,17 +147,17 @@ LEGACY_SHORTCUT_KEYS = {  # spatial_dims=2, features=[4, 8, 8]: the keys every c
 
 def test_a_config_without_the_field_builds_the_legacy_network() -> None:
     old = {"spatial_dims": 2, "features": [4, 8, 8], "norm": "instance", "act": "leakyrelu"}  # no `shortcut`
-    cfg = validate({"model": old}, "old config.yaml").model
-    assert cfg.shortcut == "conv"
+    cfg = validate(stored_config({"model": old}), "old config.yaml").model  # as segment reads a config it stored
+    assert cfg.shortcut == "conv" and cfg.encoder_block == "residual"
     state = build_model(cfg).state_dict()
     assert len(state) == 47
     assert {k: tuple(v.shape) for k, v in state.items() if "shortcut" in k} == LEGACY_SHORTCUT_KEYS
-    build_model(ModelConfig(**old)).load_state_dict(state)  # strict: same keys and shapes
+    build_model(ModelConfig(**old, encoder_block="residual")).load_state_dict(state)  # strict: same keys and shapes
 
 
 def test_avgpool_checkpoint_keys_differ_so_a_mismatched_config_cannot_load() -> None:
-    conv = build_model(ModelConfig(spatial_dims=2, features=[4, 8, 8]))
-    pool = build_model(ModelConfig(spatial_dims=2, features=[4, 8, 8], shortcut="avgpool"))
+    conv = build_model(ModelConfig(spatial_dims=2, features=[4, 8, 8], encoder_block="residual"))
+    pool = build_model(ModelConfig(spatial_dims=2, features=[4, 8, 8], shortcut="avgpool", encoder_block="residual"))
     keys = {k for k in pool.state_dict() if "shortcut" in k}
     assert "encoder.stages.1.0.shortcut.1.weight" in keys and pool.state_dict()["encoder.stages.1.0.shortcut.1.weight"].dim() == 4
     assert "encoder.stages.0.0.shortcut.0.weight" in keys  # stage 0 does not downsample: the same 1x1 conv + norm
@@ -176,5 +176,5 @@ def test_summary_names_the_shortcut() -> None:
     from segment.nets import summary_text
 
     for shortcut, text in (("conv", "strided 1x1 conv"), ("avgpool", "avgpool + 1x1 conv")):
-        model = build_model(ModelConfig(spatial_dims=2, features=[4, 8], shortcut=shortcut))
+        model = build_model(ModelConfig(spatial_dims=2, features=[4, 8], shortcut=shortcut, encoder_block="residual"))
         assert re.search(rf"downsampling shortcut +{re.escape(text)}\n", summary_text(model))

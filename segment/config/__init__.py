@@ -14,6 +14,7 @@ from segment.config.files import (
     parse_overrides,
     segment_home,
     set_values,
+    stored_config,
 )
 from segment.config.schema import (
     DURATIONS,
@@ -32,5 +33,5 @@ from segment.config.schema import (
 __all__ = [
     "CONFIG_DIR", "DURATIONS", "AugmentConfig", "Config", "DataConfig", "EvaluateConfig", "ModelConfig", "PredictConfig",
     "SkipSpec", "TrainConfig", "apply_overrides", "dump_config", "load_config", "packaged_config_dir", "parse_duration",
-    "parse_overrides", "segment_home", "set_values", "validate",
+    "parse_overrides", "segment_home", "set_values", "stored_config", "validate",
 ]

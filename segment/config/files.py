@@ -120,3 +120,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: Config) -> str:
     """YAML text of a config (JSON-compatible types only), for run folders and checkpoints."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# Fields whose default changed after runs had been written without them: the value those runs were trained with.
+# A config that segment stored (run folder, checkpoint, model package) gets these before validation, so an older model
+# rebuilds the network its weights belong to; a user's own config file gets today's defaults.
+TRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"encoder_block": "residual"},  # plain became the default on 2026-12-02 (BENCHMARKS.md, issue 16)
+}
+
+
+def stored_config(raw: Any) -> Any:
+    """A config dict segment wrote earlier, with the values of TRAINED_DEFAULTS filled in where it has none."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for section, values in TRAINED_DEFAULTS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {**values, **out[section]}
+    return out

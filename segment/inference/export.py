@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from segment.config import Config
+from segment.config import Config, stored_config
 from segment.data.labels import class_values
 from segment.data.plan import Plan
 from segment.errors import InputError
@@ -85,7 +85,7 @@ def read_package(path: str | Path) -> tuple[nn.Module, Plan, Config]:
     path = Path(path)
     meta = read_manifest(path)
     try:
-        config, plan = Config.model_validate(meta["config"]), Plan.from_dict(meta["plan"])
+        config, plan = Config.model_validate(stored_config(meta["config"])), Plan.from_dict(meta["plan"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:  # pydantic's ValidationError is a ValueError:
         # written by a segment whose config differs from this one
         raise InputError(f"{path / MODEL_JSON}: config or plan does not fit this segment ({type(err).__name__}: "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from segment.config import Config
+from segment.config import Config, stored_config
 from segment.data.plan import Plan
 from segment.errors import InputError
 from segment.run_folder import RunFolder, read_checkpoint
@@ -27,7 +27,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Plan, Config]:
     ckpt = read_checkpoint(path)
     try:
         hp = ckpt["hyper_parameters"]
-        config, plan = Config.model_validate(hp["config"]), Plan.from_dict(hp["plan"])
+        config, plan = Config.model_validate(stored_config(hp["config"])), Plan.from_dict(hp["plan"])
     except Exception as err:  # pydantic/KeyError/TypeError for a checkpoint of something else
         raise InputError(f"{path}: not a segment checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     model = build_model(config.model)
