@@ -40,7 +40,7 @@ def blocks_list(cfg: ModelConfig) -> list[int]:
 
 
 class Encoder(nn.Module):
-    """Stages of residual blocks; the first block of every stage after the first downsamples (by 2, or per axis)."""
+    """Stages of two-conv blocks (residual, or plain when `residual` is False); the first block of every stage after the first downsamples (by 2, or per axis)."""
 
     def __init__(self, cfg: ModelConfig, *, residual: bool = True) -> None:
         super().__init__()
@@ -108,7 +108,7 @@ class Decoder(nn.Module):
 
 
 class UNet(nn.Module):
-    """Residual-encoder U-Net with switchable long skips. Build it with `build_model(cfg)`.
+    """U-Net with plain or residual encoder blocks (`cfg.encoder_block`) and switchable long skips. Build it with `build_model(cfg)`.
 
     One 1x1 head per decoder level is always built (level 0 = the main output), so checkpoint keys never depend on
     `cfg.deep_supervision`; whether the auxiliary outputs enter the loss is the trainer's business.
