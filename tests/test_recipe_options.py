@@ -127,3 +127,17 @@ def test_a_checkpoint_from_before_plain_became_the_default_still_loads_as_residu
     model, _, loaded = load_checkpoint(tmp_path / "old.ckpt")
     assert loaded.model.encoder_block == "residual" and any(".shortcut." in k for k in model.state_dict())
     assert Config.model_validate({"model": {k: v for k, v in raw["model"].items()}}).model.encoder_block == "plain"
+
+
+def test_folds_and_ablation_refuse_train_on_all_before_reading_data(tmp_path) -> None:
+    """Both score on cases the models did not train on: data.train_on_all would quietly void that."""
+    from segment.errors import ConfigError
+    from segment.experiments.ablate import run_ablation
+    from segment.train.folds import train_folds
+
+    cfg = Config(data=DataConfig(train_on_all=True, root=tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="train_on_all"):
+        train_folds(cfg, 3, output=tmp_path / "folds")
+    with pytest.raises(ConfigError, match="train_on_all"):
+        run_ablation(cfg, output=tmp_path / "ablation")
+    assert not (tmp_path / "folds").exists() and not (tmp_path / "ablation").exists()

@@ -143,7 +143,7 @@ class ModelConfig(_Strict):
         description="channels per encoder stage; depth = len; the planner sets the depth, cutting this list or doubling "
         "its last width. A cheap full-resolution stage (8) measured better than 16 at equal time (BENCHMARKS.md)",
     )
-    blocks_per_stage: Union[int, list[int]] = Field(1, description="residual blocks per encoder stage")
+    blocks_per_stage: Union[int, list[int]] = Field(1, description="two-conv blocks per encoder stage")
     decoder_blocks: int = Field(1, ge=1, description="conv blocks per decoder stage")
     padding: Literal["same", "valid"] = Field("same", description="'valid' = original U-Net, output smaller than input")
     skip_connections: SkipSpec = Field("all", description="'all', 'none', or list of levels to keep (0 = highest resolution)")

@@ -98,9 +98,10 @@ def slab_probabilities(model: nn.Module, x: Tensor, roi: Sequence[int], grids: d
     """Probabilities (K, *slab) of rows [lo, hi), averaged over the mirrorings in `grids` (spatial axes -> corners).
 
     Each mirroring's windows are blended as MONAI blends them on the whole (mirrored) image (a voxel's weights come
-    from the windows that cover it), but the window batches are filled across mirrorings, in order: a scan smaller than the patch has one window per mirroring, and 8 mirrorings then run as
-    4 forward passes of 2 windows instead of 8 of 1 (2 windows cost 25 ms per window on a 2-core CPU, 1 window
-    29 ms: BENCHMARKS.md). At most `sw_batch_size` mirrorings' blended logits are held at once, plus the sum.
+    from the windows that cover it), but the window batches are filled across mirrorings, in order: a scan smaller
+    than the patch has one window per mirroring, and 8 mirrorings then run as 4 forward passes of 2 windows instead
+    of 8 of 1 (2 windows cost 25 ms per window on a 2-core CPU, 1 window 29 ms: BENCHMARKS.md). At most
+    `sw_batch_size` mirrorings' blended logits are held at once, plus the sum.
     """
     shape = tuple(x.shape[2:])
     slab = tuple(hi - lo if d == axis else n for d, n in enumerate(shape))

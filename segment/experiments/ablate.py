@@ -227,6 +227,9 @@ def run_ablation(cfg: Config, output: Path | None = None, budget: str | None = N
     from segment.train.setup import load_dataset
 
     parse_tokens(variants)  # a typo fails before the data are read
+    if cfg.data.train_on_all:
+        raise ConfigError("segment ablate compares variants on validation cases they did not train on; "
+                          "data.train_on_all=true would train on them: leave it out")
     seed_list = parse_seeds(seeds, cfg.seed)
     cfg, budget_text = _with_budget(cfg, budget)
     out = Path(output) if output else Path("runs") / time.strftime("ablation-%Y%m%d-%H%M%S")

@@ -72,6 +72,9 @@ def train_folds(cfg: Config, folds: int, output: Path | None = None, resume: boo
     """
     if cfg.data.fold is not None:
         raise ConfigError(f"--folds {folds} trains every fold; leave out --fold / data.fold={cfg.data.fold}")
+    if cfg.data.train_on_all:
+        raise ConfigError(f"--folds {folds} scores every fold on cases it did not train on; data.train_on_all=true "
+                          "would train each fold on all of them: leave one out")
     name = (Path(cfg.data.root).name if cfg.data.root else "demo") + time.strftime("-%Y%m%d-%H%M%S") + f"-{folds}fold"
     root = RunFolder(Path(output) if output else Path("runs") / name)
     writer = global_rank() == 0
