@@ -114,3 +114,26 @@ def test_training_sampler_draws_steps_per_epoch_batches_and_is_sharded_not_repla
     loader = DataLoader(list(range(3)), batch_size=2, sampler=sampler)
     shard = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=0)
     assert len(shard) == 20  # half of the 40 draws, not half of the 3 cases
+
+
+def test_unlearned_note_names_only_the_classes_without_validation_dice() -> None:
+    from segment.train.runner import unlearned_note
+
+    note = unlearned_note({"val_dice_organ": 0.0, "val_dice_lesion": 0.7625, "val_dice_mean": 0.3812}, 240)
+    assert note is not None and "'organ'" in note and "'lesion'" not in note and "'mean'" not in note
+    assert "after 240 steps" in note and "predict it yet" in note and "model.encoder_block=residual" in note
+    both = unlearned_note({"val_dice_organ": 0.01, "val_dice_lesion": 0.049, "val_dice_mean": 0.03}, 10)
+    assert both is not None and "'organ', 'lesion'" in both and "predict them yet" in both
+    # a low mean alone is no class; 0.05 itself counts as learned; a class with no score (NaN) is not flagged
+    assert unlearned_note({"val_dice_organ": 0.05, "val_dice_lesion": 0.9, "val_dice_mean": 0.01}, 10) is None
+    assert unlearned_note({"val_dice_organ": float("nan"), "val_dice_lesion": 0.9}, 10) is None
+
+
+def test_train_prints_the_unlearned_note_exactly_when_a_class_has_no_validation_dice(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = train(_cfg(tiny_data, "train.max_epochs=1"), output=tmp_path / "run")
+    out = " ".join(capsys.readouterr().err.split())  # the run log goes to stderr; rich wraps lines
+    low = [k.removeprefix("val_dice_") for k, v in result.val_dice.items() if k != "val_dice_mean" and v < 0.05]
+    assert ("does not predict" in out) == bool(low), (result.val_dice, out[-800:])
+    for name in low:
+        assert f"'{name}'" in out

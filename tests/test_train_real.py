@@ -37,8 +37,9 @@ def test_training_on_hippocampus_beats_an_untrained_model(hippocampus: Path, tmp
         f"data.root={hippocampus}", "data.max_cases=40", "train.max_epochs=3", "train.steps_per_epoch=40",
         "data.batch_size=4", "train.threads=2", "train.precision=32",  # fp32: no timing-dependent bf16 choice
         # the network the floor below was calibrated with (the default until 2026-12-02): at a fixed 120 steps
-        # today's default (plain, 8-32-64-128) is still finding the second structure on this seed (mean 0.41; it
-        # catches up by step ~300 and wins at equal time, BENCHMARKS.md), so the floor would say nothing about it
+        # today's default (plain, 8-32-64-128) may still be on a plateau where it predicts one structure only (mean
+        # 0.41 on this seed; it leaves it by step ~300 and wins at equal time: BENCHMARKS.md, "The default's slow
+        # start"), so with it the floor would test the recipe's first minute, not whether training works
         "model.encoder_block=residual", "model.features=[16,32,64,128]",
     ])
     result = train(cfg, output=tmp_path / "run")

@@ -214,6 +214,27 @@ def merge_metrics(run: RunFolder) -> Path:
     return out
 
 
+UNLEARNED_DICE = 0.05  # a class below this validation Dice at the end of a run has in effect not been learned
+
+
+def unlearned_note(metrics: dict[str, float], steps: int) -> str | None:
+    """The note printed after training when some class still has (almost) no validation Dice, else None.
+
+    A short run can end before the network predicts every class: with the default plain encoder and a narrow
+    full-resolution stage, one structure can stay unpredicted for a few hundred steps (BENCHMARKS.md, "The default's
+    slow start"). The user should hear that from us, not from a label map without the structure.
+    """
+    per_class = {k.removeprefix("val_dice_"): v for k, v in metrics.items()
+                 if k.startswith("val_dice_") and k not in ("val_dice_mean",)}
+    low = [name for name, value in per_class.items() if value < UNLEARNED_DICE]
+    if not low:
+        return None
+    which = ", ".join(repr(n) for n in low)
+    return (f"note: {which} scored validation Dice < {UNLEARNED_DICE} after {steps} steps: the network does not "
+            f"predict {'it' if len(low) == 1 else 'them'} yet. Train longer (--max-epochs, --set train.max_time=30m); "
+            "on short runs --set model.encoder_block=residual starts faster (BENCHMARKS.md, \"The default's slow start\")")
+
+
 def _finish(trainer: pl.Trainer, run: RunFolder, seconds: float) -> TrainResult:
     """Plot curves, print the final per-class validation Dice, write summary.json."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_dice")}
@@ -239,5 +260,8 @@ def _finish(trainer: pl.Trainer, run: RunFolder, seconds: float) -> TrainResult:
         for key, value in metrics.items():
             table.add_row(key.removeprefix("val_dice_"), f"{value:.4f}")
         console.print(table)
+        note = unlearned_note(metrics, trainer.global_step)
+        if note:
+            console.print(f"[yellow]{note}[/]")
         console.print(f"run folder: {run.path}  (best checkpoint: {best})")
     return TrainResult(run.path, best, last if last.is_file() else None, metrics, trainer.global_step, seconds)
