@@ -57,6 +57,20 @@ def test_evaluate_writes_one_row_per_val_case_and_class(trained: tuple[Path, Pat
     assert "Dice" in result.output and "evaluation-val.csv" in result.output
 
 
+def test_evaluate_split_train_scores_exactly_the_training_cases(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, data = trained
+    result = _invoke("--model", str(run), "--data", str(data), "--split", "train", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    split = json.loads((run / "split.json").read_text())
+    cases = {r["case"] for r in _rows(run / "evaluation-train.csv")}
+    assert cases == set(split["train"]) and not cases & set(split["val"])
+    assert "train case(s)" in result.output
+    # a bare checkpoint has no split.json: its training cases are unknown, said in one line
+    ckpt = shutil.copy(run / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt")
+    result = _invoke("--model", str(ckpt), "--data", str(data), "--split", "train", "--device", "cpu")
+    assert result.exit_code == 2 and "training cases are unknown" in result.output
+
+
 def test_evaluate_never_overwrites_and_tolerance_widens_nsd(trained: tuple[Path, Path]) -> None:
     run, data = trained
     out = run / "tol.csv"

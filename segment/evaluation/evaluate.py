@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from segment.inference.predictor import Predictor
     from segment.io.image import Geometry
 
-SPLITS = ("val", "all")
+SPLITS = ("val", "train", "all")
 CaseHook = Callable[[str, list[np.ndarray], "Geometry", np.ndarray, np.ndarray], None]
 
 
@@ -40,7 +40,8 @@ def resolve_model(model: Path) -> tuple[Path, Path | None]:
 
 
 def choose_cases(dataset: Dataset, split: str, run_dir: Path | None, model: Path) -> list[Case]:
-    """The cases to score: the run's validation cases (`val`) or every labelled case (`all`)."""
+    """The cases to score: the run's validation cases (`val`), its training cases (`train`: what the model has seen,
+    beside `val` it shows the generalisation gap) or every labelled case (`all`)."""
     if split not in SPLITS:
         raise InputError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     cases = [c for c in dataset.cases if c.label is not None]
@@ -48,14 +49,15 @@ def choose_cases(dataset: Dataset, split: str, run_dir: Path | None, model: Path
         return cases
     from segment.run_folder import RunFolder
 
+    which = "validation" if split == "val" else "training"
     saved = RunFolder(run_dir).read_split() if run_dir is not None else None
     if saved is None:
-        raise InputError(f"--model {model}: no run folder with split.json, so the validation cases are unknown; "
+        raise InputError(f"--model {model}: no run folder with split.json, so the {which} cases are unknown; "
                          "use --split all to score every case in --data")
-    names = set(saved["val"])
+    names = set(saved[split])
     chosen = [c for c in cases if c.name in names]
     if not chosen:
-        raise InputError(f"{dataset.root}: none of the {len(names)} validation cases of {run_dir} are in this dataset; "
+        raise InputError(f"{dataset.root}: none of the {len(names)} {which} cases of {run_dir} are in this dataset; "
                          "use --split all to score every case in --data")
     return chosen
 
