@@ -150,7 +150,7 @@ def predict(
 def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="run folder or .ckpt")],
     data: Annotated[Path, typer.Option("--data", "-d", help="labelled dataset folder")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="CSV path (default <run>/evaluation.csv)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="CSV path (default <run>/evaluation-<split>.csv)")] = None,
     split: Annotated[str, typer.Option(help="cases: val (the run's validation split), train (its training cases: beside val, the generalisation gap), all")] = "val",
     tolerance: Annotated[Optional[float], typer.Option(help="NSD tolerance in mm")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
