@@ -56,6 +56,10 @@ class AugmentConfig(_Strict):
     intensity_prob: float = Field(0.15, ge=0, le=1, description="probability of intensity scale/shift/gamma")
     noise_prob: float = Field(0.1, ge=0, le=1, description="probability of additive Gaussian noise")
     noise_std: float = Field(0.1, ge=0, description="std of that noise (after normalisation)")
+    blur_prob: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur (sigma 0.5-1 voxel), as nnU-Net")
+    lowres_prob: float = Field(
+        0.0, ge=0, le=1, description="probability of simulated low resolution (down to 0.5-1x, back up), as nnU-Net",
+    )
 
     @field_validator("mirror_axes")
     @classmethod

@@ -98,6 +98,12 @@ def augmentations(aug: AugmentConfig, ndim: int, mirror_axes: Sequence[int] | No
         ]
     if aug.noise_prob > 0:
         out.append(mt.RandGaussianNoised("image", prob=aug.noise_prob, std=aug.noise_std))
+    if aug.blur_prob > 0:  # appended only when on, so the default pipeline draws the same random numbers as before
+        out.append(mt.RandGaussianSmoothd(
+            "image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=aug.blur_prob,
+        ))
+    if aug.lowres_prob > 0:
+        out.append(mt.RandSimulateLowResolutiond("image", prob=aug.lowres_prob, zoom_range=(0.5, 1.0)))
     return out
 
 
