@@ -55,6 +55,21 @@ def test_evaluate_writes_one_row_per_val_case_and_class(trained: tuple[Path, Pat
         assert 0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["nsd"]) <= 1.0
         assert r["hd95"] == "" or float(r["hd95"]) >= 0.0  # empty = undefined distance (one mask empty)
     assert "Dice" in result.output and "evaluation-val.csv" in result.output
+    assert "optimistic" not in result.output  # an ordinary run's validation cases were never trained on
+
+
+def test_evaluate_val_of_a_train_on_all_run_says_the_scores_are_optimistic(tmp_path: Path) -> None:
+    from segment.config import load_config
+    from segment.data.demo import make_demo_dataset
+    from segment.train.runner import train
+
+    data = make_demo_dataset(tmp_path / "data", n_cases=4, progress=False)
+    train(load_config(None, TINY + [f"data.root={data}", "data.train_on_all=true"]), output=tmp_path / "run")
+    result = _invoke("--model", str(tmp_path / "run"), "--data", str(data), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "data.train_on_all=true" in result.output and "optimistic" in result.output
+    result = _invoke("--model", str(tmp_path / "run"), "--data", str(data), "--split", "all", "--device", "cpu")
+    assert result.exit_code == 0 and "optimistic" not in result.output
 
 
 def test_evaluate_split_train_scores_exactly_the_training_cases(trained: tuple[Path, Path], tmp_path: Path) -> None:
@@ -97,7 +112,7 @@ def test_evaluate_bare_checkpoint_needs_split_all(trained: tuple[Path, Path], tm
 
 @pytest.mark.parametrize("args, words", [
     (["--model", "{tmp}/no_such_run"], "no_such_run"),
-    (["--model", "{run}", "--split", "test"], "--split 'test'"),
+    (["--model", "{run}", "--split", "test"], "--split 'test': expected one of val, train, all"),
     (["--model", "{run}", "--tolerance", "0"], "--tolerance"),
 ])
 def test_evaluate_user_errors_exit_2_and_name_the_problem(trained: tuple[Path, Path], tmp_path: Path, args: list[str],

@@ -18,6 +18,7 @@ from segment.cli.options import (
     user_errors,
 )
 from segment.errors import SegmentError
+from segment.evaluation.splits import split_help
 
 app = typer.Typer(
     name="segment",
@@ -151,7 +152,7 @@ def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="run folder or .ckpt")],
     data: Annotated[Path, typer.Option("--data", "-d", help="labelled dataset folder")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="CSV path (default <run>/evaluation-<split>.csv)")] = None,
-    split: Annotated[str, typer.Option(help="cases: val (the run's validation split), train (its training cases: beside val, the generalisation gap), all")] = "val",
+    split: Annotated[str, typer.Option(help=split_help())] = "val",
     tolerance: Annotated[Optional[float], typer.Option(help="NSD tolerance in mm")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from segment.data.labels import encode_labels
 from segment.errors import ConfigError, InputError
+from segment.evaluation.splits import check_split
 from segment.io.dataset import Case, Dataset
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from segment.inference.predictor import Predictor
     from segment.io.image import Geometry
 
-SPLITS = ("val", "train", "all")
 CaseHook = Callable[[str, list[np.ndarray], "Geometry", np.ndarray, np.ndarray], None]
 
 
@@ -42,8 +42,7 @@ def resolve_model(model: Path) -> tuple[Path, Path | None]:
 def choose_cases(dataset: Dataset, split: str, run_dir: Path | None, model: Path) -> list[Case]:
     """The cases to score: the run's validation cases (`val`), its training cases (`train`: what the model has seen,
     beside `val` it shows the generalisation gap) or every labelled case (`all`)."""
-    if split not in SPLITS:
-        raise InputError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    check_split(split)
     cases = [c for c in dataset.cases if c.label is not None]
     if split == "all":
         return cases
@@ -143,19 +142,21 @@ def run_evaluate(model: Path, data: Path, output: Path | None = None, split: str
     from segment.evaluation.metrics import summary_table, write_csv
     from segment.io.dataset import discover
 
-    if split not in SPLITS:
-        raise InputError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    check_split(split)
     if tolerance is not None and not tolerance > 0:
         raise ConfigError(f"--tolerance {tolerance}: the NSD tolerance must be a positive distance in mm")
     ckpt, run_dir = resolve_model(model)
     dataset = discover(data)
     cases = choose_cases(dataset, split, run_dir, model)
     predictor = load_predictor(ckpt, device)
+    console = Console()
+    if split == "val" and predictor.config.data.train_on_all:
+        console.print("[yellow]note: this model trained with data.train_on_all=true, so its validation cases were "
+                      "training cases too: these scores are optimistic[/]")
     eval_cfg = _eval_config(predictor, tolerance)
     rows = score_cases(predictor, cases, eval_cfg)
     wanted = Path(output) if output is not None else (run_dir or ckpt.parent) / f"evaluation-{split}.csv"
     path = write_csv(rows, free_path(wanted))
-    console = Console()
     if path != wanted:
         console.print(f"[yellow]{wanted} exists; not overwriting it[/]")
     console.print(summary_table(rows, title=f"{len(cases)} {split} case(s), NSD tolerance "
