@@ -58,3 +58,14 @@ def test_probabilities_are_checked_and_settable_from_the_command_line() -> None:
     assert cfg.data.augment.blur_prob == 0.2 and cfg.data.augment.lowres_prob == 0.25
     with pytest.raises(Exception, match="blur_prob"):
         validate({"data": {"augment": {"blur_prob": 1.5}}})
+
+
+def test_both_run_on_2d_patches() -> None:
+    g = np.random.default_rng(1)
+    item = {"image": torch.from_numpy(g.normal(0, 1, (1, 20, 24)).astype(np.float32)), "label": torch.zeros(1, 20, 24)}
+    out = dict(item)
+    for t in augmentations(AugmentConfig(blur_prob=1.0, lowres_prob=1.0, rotate_prob=0, intensity_prob=0,
+                                         noise_prob=0, flip_prob=0), 2):
+        out = t(out)
+    img = torch.as_tensor(out["image"])
+    assert img.shape == (1, 20, 24) and float(img.var()) < 0.8 * float(item["image"].var())

@@ -103,7 +103,9 @@ def augmentations(aug: AugmentConfig, ndim: int, mirror_axes: Sequence[int] | No
             "image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=aug.blur_prob,
         ))
     if aug.lowres_prob > 0:
-        out.append(mt.RandSimulateLowResolutiond("image", prob=aug.lowres_prob, zoom_range=(0.5, 1.0)))
+        out.append(mt.RandSimulateLowResolutiond(
+            "image", prob=aug.lowres_prob, zoom_range=(0.5, 1.0), upsample_mode="trilinear" if ndim == 3 else "bilinear",
+        ))
     return out
 
 
