@@ -381,6 +381,20 @@ def test_a_scan_too_big_for_memory_is_one_line_before_compute(tmp_path: Path, mo
     assert (tmp_path / "small_seg.nii.gz").is_file() and not (tmp_path / "big_seg.nii.gz").exists()
 
 
+def test_a_scan_blown_up_by_resampling_names_its_spacing(tmp_path: Path) -> None:
+    """A header in metres-as-mm (1000 mm voxels) makes a small scan huge on the model's grid: the line says why."""
+    ckpt = make_checkpoint(tmp_path / "model.ckpt")
+    nib.save(nib.Nifti1Image(_ball(), np.diag([1000.0, 1000.0, 1000.0, 1.0])), tmp_path / "metres.nii.gz")
+    nib.save(nib.Nifti1Image(_ball(), np.eye(4)), tmp_path / "fine.nii.gz")
+    result = runner.invoke(app, ["predict", str(tmp_path / "metres.nii.gz"), str(tmp_path / "fine.nii.gz"), "-m", str(ckpt)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("failed"))
+    assert "metres.nii.gz" in line and "24x20x16 voxels" in line
+    assert "resampled from its spacing (1000, 1000, 1000) mm" in line and "24000x20000x16000 voxels" in line
+    assert "check the header's spacing" in line
+    assert (tmp_path / "fine_seg.nii.gz").is_file() and not (tmp_path / "metres_seg.nii.gz").exists()
+
+
 def test_memory_estimate_for_a_whole_body_ct_fits_the_target() -> None:
     from segment.config import Config, ModelConfig
     from segment.data.plan import Plan

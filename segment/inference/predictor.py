@@ -28,7 +28,7 @@ from segment.inference.confidence import DEFAULT_THRESHOLD, ConfidenceStats
 from segment.inference.loading import load_models
 from segment.inference.postprocess import keep_largest_components, label_volumes
 from segment.io.case import read_case
-from segment.io.geometry import Geometry, canonical_grid, resampled_shape
+from segment.io.geometry import Geometry, canonical_grid, fmt_values, resampled_shape
 from segment.io.nifti import (
     check_target,
     nifti_geometry,
@@ -133,10 +133,17 @@ class Predictor:
             return  # on a GPU the slabs live on the device; host memory holds only the label map and the input
         need, have = self.memory_needed(geometry, probability_bytes), available_memory_bytes()
         if have is not None and need > have:
+            canonical = canonical_grid(geometry)
+            net = resampled_shape(canonical.shape, canonical.spacing, self.plan.spacing)
+            grid = ""
+            if np.prod(net, dtype=float) > 8 * np.prod(geometry.shape, dtype=float):
+                # a small scan blown up by resampling: most likely its header's spacing (or units) is wrong
+                grid = (f", resampled from its spacing {fmt_values(canonical.spacing)} mm to the model's "
+                        f"{fmt_values(self.plan.spacing)} mm: {'x'.join(map(str, net))} voxels; check the header's spacing")
             raise InputError(f"{geometry.source}: predicting this scan ({'x'.join(map(str, geometry.shape))} voxels, "
-                             f"{self.config.model.out_channels} classes) needs about {need / 2**30:.1f} GB of memory, "
-                             f"{have / 2**30:.1f} GB is available; free memory, leave out --save-probabilities/--tta, "
-                             "or use a machine with more memory")
+                             f"{self.config.model.out_channels} classes{grid}) needs about {need / 2**30:.1f} GB of "
+                             f"memory, {have / 2**30:.1f} GB is available; free memory, leave out "
+                             "--save-probabilities/--tta, or use a machine with more memory")
 
     def _canonical_probabilities(self, channels: list[np.ndarray], geometry: Geometry, probabilities: type | None = None,
                                  stats: ConfidenceStats | None = None) -> tuple[np.ndarray, np.ndarray | None]:

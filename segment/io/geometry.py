@@ -108,9 +108,9 @@ class Geometry:
             parts.append(f"shape {self.shape} vs {other.shape}")
         if not np.allclose(self.affine, other.affine, atol=atol, rtol=0):
             dev = float(np.abs(self.affine - other.affine).max())
-            parts.append(f"affine differs by up to {dev:.4g} (spacing {_fmt(self.spacing)} vs {_fmt(other.spacing)}, "
+            parts.append(f"affine differs by up to {dev:.4g} (spacing {fmt_values(self.spacing)} vs {fmt_values(other.spacing)}, "
                          f"orientation {''.join(self.orientation)} vs {''.join(other.orientation)}, "
-                         f"origin {_fmt(self.affine[:3, 3])} vs {_fmt(other.affine[:3, 3])})")
+                         f"origin {fmt_values(self.affine[:3, 3])} vs {fmt_values(other.affine[:3, 3])})")
         return "; ".join(parts)
 
     def __eq__(self, other: object) -> bool:
@@ -122,7 +122,8 @@ class Geometry:
     __hash__ = None  # type: ignore[assignment]  # holds an array; equality is by value
 
 
-def _fmt(values: Any) -> str:
+def fmt_values(values: Any) -> str:
+    """Numbers as "(a, b, c)", 4 significant digits: spacings, origins and affines in messages."""
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
