@@ -286,3 +286,20 @@ def test_write_guards(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="0..65535"):
         write_label(volume() - 1, geom, tmp_path / "neg.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "in.nii.gz", "out.nii.gz"]  # no temp files left
+
+
+def test_nibabel_header_notes_name_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """nibabel fixes a zero pixdim with an anonymous note; in a batch the note must say which file it is about."""
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.float32), np.eye(4))
+    img.header["pixdim"][1:4] = 0
+    img.set_qform(None, code=0)
+    img.set_sform(None, code=0)
+    bad, good = tmp_path / "zero_pixdim.nii.gz", tmp_path / "fine.nii.gz"
+    nib.save(img, bad)
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.float32), np.eye(4)), good)
+    with caplog.at_level("WARNING", logger="nibabel.global"):
+        _, geometry = read_image(bad)
+        read_image(good)
+    notes = [r.getMessage() for r in caplog.records if r.name == "nibabel.global"]
+    assert notes == [f"{bad}: header fixed on reading: pixdim[1,2,3] should be non-zero; setting 0 dims to 1"]
+    assert geometry.spacing == (1.0, 1.0, 1.0)

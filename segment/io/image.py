@@ -8,6 +8,8 @@ and (x, y, z) index order, so the rest of the code never sees ITK's LPS / (z, y,
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -51,11 +53,33 @@ def _read_itk(path: Path, series: str | None = None) -> tuple[np.ndarray, np.nda
     return array, itk_affine(image), str(array.dtype)
 
 
+_reading = threading.local()  # the file this thread is loading, for the notes nibabel logs about its header
+
+
+class _NameTheFile(logging.Filter):
+    """Prefix nibabel's header notes ("pixdim[1,2,3] should be non-zero; setting 0 dims to 1") with the file they are
+    about: in a batch of hundreds of scans an anonymous note is no use. Thread-safe (the dataset check reads in threads)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = getattr(_reading, "path", None)
+        if path is not None:
+            record.msg, record.args = f"{path}: header fixed on reading: {record.getMessage()}", None
+        return True
+
+
+_NIBABEL_LOG = logging.getLogger("nibabel.global")
+if not any(isinstance(f, _NameTheFile) for f in _NIBABEL_LOG.filters):
+    _NIBABEL_LOG.addFilter(_NameTheFile())
+
+
 def _load_nifti(path: Path) -> nib.Nifti1Image:
+    _reading.path = path
     try:
         return nib.load(str(path))
     except Exception as err:  # nibabel raises many types for corrupt files  # noqa: BLE001
         raise _unreadable(path, err) from None
+    finally:
+        _reading.path = None
 
 
 def _unreadable(path: Path, err: Exception) -> InputError:
