@@ -119,6 +119,28 @@ def test_newest_run_is_the_default_model(tmp_path: Path, monkeypatch: pytest.Mon
         Predictor.from_checkpoint(bad, "cpu")
 
 
+def test_broken_links_are_named_not_dropped(tmp_path: Path) -> None:
+    """A link to a moved or unmounted scan is a failed case with its reason, in a folder or given by name."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "a.nii.gz").touch()
+    (folder / "gone.nii.gz").symlink_to(tmp_path / "unmounted" / "gone.nii.gz")
+    (tmp_path / "direct.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    files, dicom, problems = expand_inputs([str(folder), str(tmp_path / "direct.nii.gz")])
+    assert [f.name for f in files] == ["a.nii.gz"] and not dicom
+    assert problems == {
+        str(folder / "gone.nii.gz"):
+            f"{folder / 'gone.nii.gz'}: broken link to {tmp_path / 'unmounted' / 'gone.nii.gz'} (no such file)",
+        str(tmp_path / "direct.nii.gz"):
+            f"{tmp_path / 'direct.nii.gz'}: broken link to {tmp_path / 'nowhere.nii.gz'} (no such file)"}
+    # a folder holding only a broken link is not mistaken for a DICOM series
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "x.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    files, dicom, problems = expand_inputs([str(only)])
+    assert not files and not dicom and list(problems) == [str(only / "x.nii.gz")]
+
+
 def test_expand_groups_channels_and_skips_outputs(tmp_path: Path) -> None:
     for name in ("p1_0000", "p1_0001", "p2_0000", "p2_0001", "s_0001", "s_0002"):
         (tmp_path / f"{name}.nii.gz").touch()

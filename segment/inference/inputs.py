@@ -7,6 +7,7 @@ are never taken as scans.
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,13 +79,23 @@ def group_numbered(files: list[Path], channels: int) -> tuple[list[ScanCase], st
     return cases, note
 
 
-def _from_folder(folder: Path) -> tuple[list[Path], list[ScanCase]]:
-    """Image files in a folder (not our outputs); a folder without any is taken as a DICOM series."""
-    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
-                   and (s := _stem(f)) is not None and not _is_output(s))
-    if files:
-        return files, []
-    return [], [ScanCase(folder.name, [folder], folder.parent)]
+def _broken_link(path: Path) -> str | None:
+    """The problem with `path` when it is a symbolic link to nothing (a moved or unmounted scan), else None."""
+    if path.is_symlink() and not path.exists():
+        return f"{path}: broken link to {os.readlink(path)} (no such file)"
+    return None
+
+
+def _from_folder(folder: Path) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
+    """Image files in a folder (not our outputs) and its broken links to images; a folder with neither is taken as a
+    DICOM series."""
+    entries = sorted(f for f in folder.iterdir() if not f.name.startswith(".")
+                     and (s := _stem(f)) is not None and not _is_output(s))
+    files = [f for f in entries if f.is_file()]
+    broken = {str(f): problem for f in entries if (problem := _broken_link(f))}
+    if files or broken:
+        return files, [], broken
+    return [], [ScanCase(folder.name, [folder], folder.parent)], {}
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
@@ -99,9 +110,12 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[s
             problems[item] = f"{item}: no such file or folder, and no file matches it as a pattern"
         for path in matches:
             if path.is_dir():
-                found, dicom = _from_folder(path)
+                found, dicom, broken = _from_folder(path)
                 files += found
                 cases += dicom
+                problems.update(broken)
+            elif problem := _broken_link(path):
+                problems[str(path)] = problem
             else:
                 files.append(path)
     return list(dict.fromkeys(p.resolve() for p in files)), cases, problems
