@@ -159,3 +159,34 @@ def test_cli_skip_bad_trains_on_the_rest_and_records_the_skipped(bad_root: Path,
         assert path in skipped[name] and words in skipped[name]
     split = json.loads((run / "split.json").read_text())
     assert sorted(split["train"] + split["val"]) == GOOD
+
+
+def _labelled(root: Path, labels: dict[str, str], values: list[int]) -> Path:
+    """One case per value in `values`: a cube of that value (0 = an all-background label map)."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"}, "labels": labels}))
+    for i, value in enumerate(values):
+        nib.save(nib.Nifti1Image(_image(i), np.eye(4)), root / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(_label(value).astype(np.uint8), np.eye(4)), root / "labelsTr" / f"c{i}.nii.gz")
+    return root
+
+
+def test_all_background_labels_stop_before_training(tmp_path: Path) -> None:
+    """Label maps without any foreground (the wrong files, an export that lost the labels) are nothing to learn."""
+    root = _labelled(tmp_path / "empty", {"0": "background", "1": "a"}, [0, 0, 0])
+    with pytest.raises(InputError) as err:
+        check_dataset(discover(root, check=False), progress=False)
+    assert str(err.value) == (f"{root}: every label map is all background (0) in all 3 cases: nothing to learn; "
+                              "are these the right label files?")
+    # one case without foreground among others is normal data (a scan without a lesion)
+    report = check_dataset(discover(_labelled(tmp_path / "some", {"0": "background", "1": "a"}, [0, 1, 1]), check=False),
+                           progress=False)
+    assert report.values == {0, 1} and report.notes == []
+
+
+def test_a_declared_class_found_in_no_case_is_a_warning(tmp_path: Path) -> None:
+    root = _labelled(tmp_path / "d", {"0": "background", "1": "liver", "2": "tumour", "3": "vessel"}, [1, 3, 1])
+    report = check_dataset(discover(root, check=False), progress=False)
+    assert report.notes == ["label 2 (tumour) is declared in dataset.json but found in no case: the model cannot "
+                            "learn to predict it"]

@@ -39,6 +39,7 @@ class CheckReport:
     problems: dict[str, str] = field(default_factory=dict)
     values: set[int] = field(default_factory=set)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # not fatal, for the user to read (a declared class never found)
 
 
 def usable_cpus() -> int:
@@ -136,4 +137,10 @@ def check_dataset(dataset: Dataset, workers: int | None = None, *, skip_bad: boo
     if not dataset.cases:
         raise InputError(f"{dataset.root}: none of the {total} cases passed the check; "
                          + problem_list(report.problems, total))
+    if not report.values - {0}:
+        raise InputError(f"{dataset.root}: every label map is all background (0) in all {len(dataset.cases)} cases: "
+                         "nothing to learn; are these the right label files?")
+    for value in sorted((declared or set()) - report.values - {0}):
+        report.notes.append(f"label {value} ({dataset.labels.get(value, '?')}) is declared in dataset.json but "
+                            "found in no case: the model cannot learn to predict it")
     return report

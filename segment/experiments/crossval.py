@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,9 @@ def trained_dataset(run: RunFolder) -> Any:
     from segment.data.demo import ensure_demo_dataset
     from segment.io.dataset import discover
 
-    return discover(run.read_config().data.root or ensure_demo_dataset(), check=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unpaired files were reported before training
+        return discover(run.read_config().data.root or ensure_demo_dataset(), check=False)
 
 
 def calibrate_run(run_dir: Path, dataset: Any = None, device: str = "auto") -> float | None:

@@ -51,6 +51,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
     # a new run's folder is always empty (RunFolder refuses another); a resumed run's holds its own checkpoints
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # MONAI's note when a patch is drawn from a case without foreground (a scan without a lesion is normal data)
+    warnings.filterwarnings("ignore", message=r"Num foregrounds 0, Num backgrounds")
 
 
 def _setup_run(cfg: Config, run: RunFolder, resume: bool, accelerator: str, plan: Plan | None = None,

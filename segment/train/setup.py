@@ -45,13 +45,12 @@ def load_dataset(cfg: Config) -> Dataset:
         dataset = discover(root, check=False)  # pairing only: structural problems land in dataset.skipped
     for w in [w for w in caught if not str(w.message).startswith("skipping ")][:10]:  # skips are listed by the check
         console.print(f"[yellow]warning:[/] {escape(str(w.message))}")
-    if dataset.unpaired:
-        console.print(f"[yellow]{len(dataset.unpaired)} unpaired file(s) ignored[/], e.g. {escape(str(dataset.unpaired[0]))}")
     if cfg.data.max_cases:  # the first N cases by name, bad ones included, so a quick run checks only what it uses
         first = set(sorted([c.name for c in dataset.cases] + list(dataset.skipped))[: cfg.data.max_cases])
         dataset.cases = [c for c in dataset.cases if c.name in first]
         dataset.skipped = {n: r for n, r in dataset.skipped.items() if n in first}
-    check_dataset(dataset, skip_bad=cfg.data.skip_bad)
+    for note in check_dataset(dataset, skip_bad=cfg.data.skip_bad).notes:
+        console.print(f"[yellow]warning:[/] {escape(note)}")
     if dataset.skipped:
         console.print(f"[yellow]skipping {len(dataset.skipped)} case(s)[/] (data.skip_bad):")
         for reason in dataset.skipped.values():
