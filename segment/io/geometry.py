@@ -108,7 +108,8 @@ class Geometry:
             parts.append(f"shape {self.shape} vs {other.shape}")
         if not np.allclose(self.affine, other.affine, atol=atol, rtol=0):
             dev = float(np.abs(self.affine - other.affine).max())
-            parts.append(f"affine differs by up to {dev:.4g} (spacing {fmt_values(self.spacing)} vs {fmt_values(other.spacing)}, "
+            parts.append(f"affine differs by up to {dev:.4g} "
+                         f"(spacing {fmt_values(self.spacing)} vs {fmt_values(other.spacing)}, "
                          f"orientation {''.join(self.orientation)} vs {''.join(other.orientation)}, "
                          f"origin {fmt_values(self.affine[:3, 3])} vs {fmt_values(other.affine[:3, 3])})")
         return "; ".join(parts)
