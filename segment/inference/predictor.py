@@ -108,6 +108,11 @@ class Predictor:
             raise InputError(f"{geometry.source}: image of shape {geometry.shape} is 2D (a single slice); "
                              "the model is 3D and needs a volume")
 
+    def _network_grid(self, geometry: Geometry) -> tuple[Geometry, tuple[int, ...]]:
+        """The scan's canonical grid and the shape it takes once resampled to the model's spacing."""
+        canonical = canonical_grid(geometry)
+        return canonical, resampled_shape(canonical.shape, canonical.spacing, self.plan.spacing)
+
     def memory_needed(self, geometry: Geometry, probability_bytes: int = 0) -> int:
         """Bytes a prediction of this scan will add, beyond the channels already read (an upper estimate).
 
@@ -118,8 +123,7 @@ class Predictor:
         from segment.engine.stream import SLAB_BYTES
 
         voxels = float(np.prod(geometry.shape))
-        canonical = canonical_grid(geometry)
-        net = float(np.prod(resampled_shape(canonical.shape, canonical.spacing, self.plan.spacing)))
+        net = float(np.prod(self._network_grid(geometry)[1]))
         k, c = int(self.config.model.out_channels), int(self.plan.channels)
         copies = (2 if self.tta else 1) + (1 if len(self.members) > 1 else 0)
         slab = min(4.0 * k * net * copies, 3.0 * SLAB_BYTES * copies)
@@ -133,8 +137,7 @@ class Predictor:
             return  # on a GPU the slabs live on the device; host memory holds only the label map and the input
         need, have = self.memory_needed(geometry, probability_bytes), available_memory_bytes()
         if have is not None and need > have:
-            canonical = canonical_grid(geometry)
-            net = resampled_shape(canonical.shape, canonical.spacing, self.plan.spacing)
+            canonical, net = self._network_grid(geometry)
             grid = ""
             if np.prod(net, dtype=float) > 8 * np.prod(geometry.shape, dtype=float):
                 # a small scan blown up by resampling: most likely its header's spacing (or units) is wrong
