@@ -142,6 +142,21 @@ def test_cli_prints_the_list_without_a_traceback(bad_root: Path, tmp_path: Path)
         assert any(path in line and words in line for line in result.output.splitlines()), (path, result.output)
 
 
+def test_cli_names_a_broken_link_once(tmp_path: Path) -> None:
+    """A broken link in labelsTr: one line naming it (discovery's own log line is not printed beside the list)."""
+    from segment.cli import app
+
+    root = _labelled(tmp_path / "data", {"0": "background", "1": "a"}, [1, 1, 1])
+    (root / "labelsTr" / "c1.nii.gz").unlink()
+    (root / "labelsTr" / "c1.nii.gz").symlink_to(tmp_path / "unmounted" / "c1.nii.gz")
+    result = CliRunner().invoke(app, ["train", "--data", str(root), "--output", str(tmp_path / "run"), "--max-epochs",
+                                      "1", "--set", "train.steps_per_epoch=1"])  # short, should the check regress
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if "labelsTr/c1.nii.gz" in ln]
+    assert len(lines) == 1 and "broken link to" in lines[0] and "unmounted/c1.nii.gz" in lines[0], result.output
+    assert "1 of 3 cases have problems" in result.output and "without a partner" not in result.output
+
+
 def test_cli_skip_bad_trains_on_the_rest_and_records_the_skipped(bad_root: Path, tmp_path: Path) -> None:
     import json
 

@@ -110,6 +110,26 @@ def test_unpaired_files_are_reported(tmp_path: Path) -> None:
     assert [p.name for p in ds.unpaired] == ["lonely.nii.gz", "orphan.nii.gz"]
 
 
+def test_broken_links_are_named_not_dropped(tmp_path: Path) -> None:
+    """A link to a moved or unmounted scan is a problem of its case, naming link and target; not a silent gap that
+    leaves its partner "without a partner"."""
+    root = msd(tmp_path, ["a", "b", "c", "d"])
+    for sub, name in (("imagesTr", "b"), ("labelsTr", "c")):
+        (root / sub / f"{name}.nii.gz").unlink()
+        (root / sub / f"{name}.nii.gz").symlink_to(tmp_path / "gone" / f"{name}.nii.gz")
+    (root / "imagesTr" / "e.nii.gz").symlink_to(tmp_path / "gone" / "e.nii.gz")  # no label either
+    with pytest.warns(UserWarning, match="broken link"):
+        ds = discover(root)
+    assert [c.name for c in ds.cases] == ["a", "d"] and not ds.unpaired
+    assert ds.skipped == {
+        "b": f"case b: {root}/imagesTr/b.nii.gz: broken link to {tmp_path}/gone/b.nii.gz (no such file)",
+        "c": f"case c: {root}/labelsTr/c.nii.gz: broken link to {tmp_path}/gone/c.nii.gz (no such file)",
+        "e.nii.gz": f"{root}/imagesTr/e.nii.gz: broken link to {tmp_path}/gone/e.nii.gz (no such file)",
+    }
+    with pytest.raises(InputError, match=r"imagesTr/b\.nii\.gz: broken link to .*gone/b\.nii\.gz"):
+        discover(root, on_problem="error")
+
+
 def test_geometry_mismatch_is_skipped_or_raised(tmp_path: Path) -> None:
     root = msd(tmp_path, ["a", "b"])
     put(root / "labelsTr" / "b.nii.gz", labels(), np.diag([1.0, 1.0, 3.0, 1.0]))

@@ -7,7 +7,6 @@ are never taken as scans.
 from __future__ import annotations
 
 import glob
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import NamedTuple
 
 from segment.errors import InputError
 from segment.io.dataset import CHANNEL_FILE, IMAGE_SUFFIXES
+from segment.io.files import broken_link
 
 OUTPUT_TAGS = ("_seg", "_probabilities")  # our own outputs, never treated as scans
 
@@ -79,20 +79,13 @@ def group_numbered(files: list[Path], channels: int) -> tuple[list[ScanCase], st
     return cases, note
 
 
-def _broken_link(path: Path) -> str | None:
-    """The problem with `path` when it is a symbolic link to nothing (a moved or unmounted scan), else None."""
-    if path.is_symlink() and not path.exists():
-        return f"{path}: broken link to {os.readlink(path)} (no such file)"
-    return None
-
-
 def _from_folder(folder: Path) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
     """Image files in a folder (not our outputs) and its broken links to images; a folder with neither is taken as a
     DICOM series."""
     entries = sorted(f for f in folder.iterdir() if not f.name.startswith(".")
                      and (s := _stem(f)) is not None and not _is_output(s))
     files = [f for f in entries if f.is_file()]
-    broken = {str(f): problem for f in entries if (problem := _broken_link(f))}
+    broken = {str(f): problem for f in entries if (problem := broken_link(f))}
     if files or broken:
         return files, [], broken
     return [], [ScanCase(folder.name, [folder], folder.parent)], {}
@@ -114,7 +107,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[s
                 files += found
                 cases += dicom
                 problems.update(broken)
-            elif problem := _broken_link(path):
+            elif problem := broken_link(path):
                 problems[str(path)] = problem
             else:
                 files.append(path)

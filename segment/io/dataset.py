@@ -22,6 +22,7 @@ import numpy as np
 
 from segment.errors import ConfigError, GeometryError, InputError, SegmentError
 from segment.io.dataset_json import channel_kinds, declared_labels, declared_modality, read_dataset_json
+from segment.io.files import broken_link
 from segment.io.image import (
     read_channel_geometry,
     read_geometry,
@@ -85,9 +86,11 @@ def labels_from_values(values: Collection[int]) -> dict[int, str]:
 
 
 def _split(path: Path) -> str | None:
-    """File stem without the image suffix, or None for files that are not images (hidden files, .raw, .json)."""
+    """File stem without the image suffix, or None for files that are not images (hidden files, .raw, .json).
+
+    A broken symbolic link with an image name keeps its stem, so that its case is reported (`_pair`), not dropped."""
     name = path.name
-    if name.startswith(".") or not path.is_file():
+    if name.startswith(".") or not (path.is_file() or broken_link(path)):
         return None
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -160,10 +163,13 @@ def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error
             pass  # that case is reported by the check
     unpaired = sorted([p for n, c in grouped.items() if n not in label_files for p in c.values()]
                       + [p for n, p in label_files.items() if n not in grouped])
+    lost = {p.name: problem for p in unpaired if (problem := broken_link(p))}  # reported as such, not as unpaired
+    unpaired = [p for p in unpaired if p.name not in lost]
     if unpaired:
         names = ", ".join(p.name for p in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
         warnings.warn(f"{root}: {len(unpaired)} files without a partner, left out: {names}", stacklevel=2)
     cases, problems = _pair(root, grouped, label_files, clashes, channels)
+    problems.update(lost)
     dataset = Dataset(root, cases, declared_labels(meta, root), modality, channels, unpaired, {}, channel_kinds(meta))
     _handle(problems, dataset, on_problem)
     if check:
@@ -182,7 +188,10 @@ def _pair(root: Path, grouped: dict[str, dict[int, Path]], label_files: dict[str
     cases, problems = [], {}
     for name in sorted(n for n in grouped if n in label_files):
         by_channel = grouped[name]
-        if name in clashes or any(_split(p) in clashes for p in by_channel.values()):
+        links = [problem for p in (*by_channel.values(), label_files[name]) if (problem := broken_link(p))]
+        if links:
+            problems[name] = f"case {name}: {links[0]}"
+        elif name in clashes or any(_split(p) in clashes for p in by_channel.values()):
             problems[name] = f"case {name}: several files with the same name and different suffixes in {root}"
         elif sorted(by_channel) == list(range(channels)):
             cases.append(Case(name, tuple(by_channel[c] for c in range(channels)), label_files[name]))

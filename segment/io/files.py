@@ -2,7 +2,8 @@
 
 One helper for every writer (label maps, DICOM-SEG, run-folder files): a crash, a full disk or a failed check leaves
 the previous file as it was and no temporary file behind, and the new file gets the permissions a plain `open` would
-give (0666 minus the umask), not `mkstemp`'s owner-only 0600 that a PACS import service could not read.
+give (0666 minus the umask), not `mkstemp`'s owner-only 0600 that a PACS import service could not read. Also what
+a path on the reading side can be that a plain `is_file()` would hide: a broken symbolic link.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def broken_link(path: Path) -> str | None:
+    """The problem with `path` when it is a symbolic link to nothing (a moved or unmounted scan), else None."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"{path}: broken link to {os.readlink(path)} (no such file)"
+    return None
 
 
 def check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...], is_ours: Callable[[Path], bool]) -> Path:

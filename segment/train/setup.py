@@ -3,6 +3,7 @@ plan table printed at the start of `segment train` (and of each fold)."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 from rich.console import Console
@@ -40,9 +41,15 @@ def load_dataset(cfg: Config) -> Dataset:
         console.print(f"[bold]No --data given:[/] training on the embedded demo dataset in {root}")
     else:
         root = cfg.data.root
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dataset = discover(root, check=False)  # pairing only: structural problems land in dataset.skipped
+    discovery_log = logging.getLogger(discover.__module__)  # its "skipping" lines: the check below lists them once
+    level = discovery_log.level
+    discovery_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = discover(root, check=False)  # pairing only: structural problems land in dataset.skipped
+    finally:
+        discovery_log.setLevel(level)
     for w in [w for w in caught if not str(w.message).startswith("skipping ")][:10]:  # skips are listed by the check
         console.print(f"[yellow]warning:[/] {escape(str(w.message))}")
     if cfg.data.max_cases:  # the first N cases by name, bad ones included, so a quick run checks only what it uses
