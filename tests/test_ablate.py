@@ -23,8 +23,8 @@ TINY = ["model.features=[4,8]", "data.patch_size=[24,24,24]", "data.batch_size=2
         "data.target_spacing=[3,3,3]", "predict.precision=32"]
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ---- parsing and configuration ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, expected", [

@@ -28,6 +28,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
 @app.command()
 @user_errors
 def train(

@@ -28,6 +28,7 @@ from segment.inference.inputs import (
 if TYPE_CHECKING:
     from segment.inference.predictor import Predictor
 
+
 def _summary(result: dict) -> str:
     volumes = ", ".join(f"{name} {ml:.2f} ml" for name, ml in result["volumes_ml"].items())
     written = result["output"] + (f", {result['dicom_seg']}" if result.get("dicom_seg") not in (None, result["output"])

@@ -128,8 +128,6 @@ def fmt_values(values: Any) -> str:
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
-
-
 def _orientation(array: np.ndarray, geometry: Geometry) -> np.ndarray:
     n = len(geometry.shape)
     if array.ndim < n:

@@ -22,6 +22,7 @@ from segment.engine.sliding import sliding_logits
 from segment.nets import build_model, center_crop
 from segment.train.validation import ValidationBudget
 
+
 class SegmentationModule(pl.LightningModule):
     def __init__(self, config: dict, plan: dict, max_time_s: float | None = None) -> None:
         super().__init__()

@@ -141,6 +141,7 @@ def run_parallel(run_dir: Path, folds: int, todo: list[int], devices: list[str],
                  launcher: Launcher | None = None, report: Callable[[str], None] = print) -> None:
     """Train the folds `todo` of the k-fold run in `run_dir` in parallel; FoldsFailed names the folds that failed."""
     launch = launcher or worker_launcher(run_dir, folds, per_fold_s)
+
     def best_dice(k: int) -> str:
         best = (RunFolder(run_dir).fold(k).read_summary() or {}).get("best_val_dice_mean")
         return f", best validation Dice {best:.3f}" if isinstance(best, (int, float)) else ""
