@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,7 @@ class RunFolder:
     VAL_CASES = "val_cases.csv"  # a single run's validation cases scored as predict writes them (confidence threshold)
     PROFILE, CONFIDENCE = "scan_profile.json", "confidence.json"
     FOLD_PREFIX = "fold_"
+    MARKER = ".segment-run"  # written by `create`: what proves a folder without a checkpoint is ours to start again
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -108,6 +111,18 @@ class RunFolder:
 
     def can_resume(self) -> bool:
         return self.last_checkpoint.is_file() and (self.path / self.CONFIG).is_file() and (self.path / self.PLAN).is_file()
+
+    def stopped_before_training(self) -> bool:
+        """True for a run folder of ours that holds no checkpoint: a start that stopped in planning or its first epoch
+        (interrupted, a bad --split). It holds only what that start wrote, so a new start may use the folder again."""
+        setup = {self.MARKER, self.CONFIG, self.PLAN, self.FINGERPRINT, self.SPLIT, self.SKIPPED, self.PROFILE}
+        try:
+            names = {p.name for p in self.path.iterdir()}
+            return (self.MARKER in names and names <= setup | {self.LOGS, self.TENSORBOARD, self.CHECKPOINTS}
+                    and not self.checkpoint_dir.is_file()
+                    and not (self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir())))
+        except OSError:
+            return False
 
     # ---- k-fold ensembles -------------------------------------------------------------------------------------
     def fold(self, index: int) -> RunFolder:
@@ -161,14 +176,24 @@ class RunFolder:
         """
         if resume:
             if not self.can_resume():
+                hint = (" (it stopped before its first checkpoint: start it again with the same --output, without "
+                        "--resume)" if self.stopped_before_training() else "")
                 raise InputError(f"{self.path}: nothing to resume (a run folder has {self.CONFIG}, {self.PLAN} and "
-                                 f"{self.CHECKPOINTS}/{self.LAST}.ckpt)")
+                                 f"{self.CHECKPOINTS}/{self.LAST}.ckpt){hint}")
             return self
-        if writer and self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise InputError(f"{self.path}: run folder already exists and is not empty; use --resume to continue it "
-                             "or choose another --output")
+        if writer and self.path.exists() and not self.path.is_dir():
+            raise InputError(f"{self.path}: is a file, not a run folder; choose another --output")
+        if writer and self.path.exists() and any(self.path.iterdir()):
+            if not self.stopped_before_training():
+                raise InputError(f"{self.path}: run folder already exists and is not empty; use --resume to continue "
+                                 "it or choose another --output")
+            print(f"{self.path}: an earlier start stopped before its first checkpoint; its files are replaced by this "
+                  "start", file=sys.stderr)
+            for entry in list(self.path.iterdir()):  # only names stopped_before_training allows: all written by us
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / self.MARKER).write_text("a run folder of segment (segment train); see config.yaml\n")
         return self
 
     # ---- config, plan, split, summary ----------------------------------------------------------------------------

@@ -116,3 +116,30 @@ def test_ablate_data_is_a_path(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["ablate", "--data", "2024"])
     assert result.exit_code == 0, result.output
     assert seen["cfg"].data.root == Path("2024")
+
+
+def test_fold_out_of_range_is_one_line_before_anything_starts(captured: dict) -> None:
+    result = runner.invoke(app, ["train", "--fold", "7"])
+    assert result.exit_code == 2 and "cfg" not in captured and "Traceback" not in result.output
+    assert "fold 7 does not exist with folds=5: fold must be in 0..4" in result.output
+    assert _train(captured, "--fold", "4", "--set", "data.folds=5").data.fold == 4
+
+
+def test_a_path_we_may_not_use_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder we may not read or write (or a full disk) is the path and the reason, exit 2; an OSError without a
+    path is a bug and keeps its traceback."""
+    import segment.train.runner
+
+    def denied(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", "ro/run")
+
+    monkeypatch.setattr(segment.train.runner, "train", denied)
+    result = runner.invoke(app, ["train", "-o", "ro/run"])
+    assert result.exit_code == 2 and result.output.strip() == "error: ro/run: Permission denied", result.output
+
+    def bug(*args: Any, **kwargs: Any) -> None:
+        raise OSError("no path in it")
+
+    monkeypatch.setattr(segment.train.runner, "train", bug)
+    result = runner.invoke(app, ["train", "-o", "ro/run"])
+    assert result.exit_code == 1 and isinstance(result.exception, OSError)

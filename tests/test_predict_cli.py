@@ -141,6 +141,25 @@ def test_broken_links_are_named_not_dropped(tmp_path: Path) -> None:
     assert not files and not dicom and list(problems) == [str(only / "x.nii.gz")]
 
 
+def test_a_folder_we_may_not_list_is_a_failed_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chmod 000 on one input folder: that input fails with the reason, the others are still found."""
+    good, locked = tmp_path / "good", tmp_path / "locked"
+    for folder in (good, locked):
+        folder.mkdir()
+        (folder / "a.nii.gz").touch()
+    real = Path.iterdir
+
+    def iterdir(self: Path):
+        if self == locked:  # tests run as root, where chmod 000 does not stop a listing
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    files, dicom, problems = expand_inputs([str(locked), str(good)])
+    assert files == [(good / "a.nii.gz").resolve()] and not dicom
+    assert problems == {str(locked): f"{locked}: cannot read this folder (Permission denied)"}
+
+
 def test_expand_groups_channels_and_skips_outputs(tmp_path: Path) -> None:
     for name in ("p1_0000", "p1_0001", "p2_0000", "p2_0001", "s_0001", "s_0002"):
         (tmp_path / f"{name}.nii.gz").touch()

@@ -65,11 +65,41 @@ def test_run_folder_names_every_file(tmp_path: Path) -> None:
     split = {"train": ["a", "b"], "val": ["c"]}
     run.write_split(split)
     assert run.read_split() == split == read_split_file(tmp_path / "run" / "split.json")
-    assert not [p for p in run.path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    # no temporary file left behind (the one hidden file is the marker saying the folder is ours)
+    assert [p.name for p in run.path.iterdir() if p.name.startswith(".")] == [RunFolder.MARKER]
+    run.checkpoint_dir.mkdir()
+    run.last_checkpoint.write_bytes(b"x")
     with pytest.raises(InputError, match="already exists and is not empty"):
         RunFolder(run.path).create(resume=False)
+    run.last_checkpoint.unlink()
     with pytest.raises(InputError, match="nothing to resume"):
         RunFolder(run.path).create(resume=True)
+
+
+def test_a_start_that_stopped_before_its_first_checkpoint_can_start_again(tmp_path: Path) -> None:
+    """Interrupted in the first epoch, or stopped by a bad --split after planning: the folder holds only what that start
+    wrote, so the same -o starts again (its files replaced); a folder that is not ours, or holds a model, is refused."""
+    run = RunFolder(tmp_path / "run").create(resume=False)
+    run.write_split({"train": ["a"], "val": ["b"]})
+    (run.path / run.PLAN).write_text("{}")
+    (run.path / run.LOGS).mkdir()
+    (run.path / run.LOGS / "hparams.yaml").write_text("x: 1")
+    with pytest.raises(InputError, match="stopped before its first checkpoint: start it again with the same --output"):
+        RunFolder(run.path).create(resume=True)
+    again = RunFolder(run.path).create(resume=False)
+    assert sorted(p.name for p in again.path.iterdir()) == [RunFolder.MARKER]  # the earlier start's files are gone
+
+    mine = tmp_path / "mine"  # a user's folder with a hand-made split.json: no marker, never touched
+    mine.mkdir()
+    (mine / "split.json").write_text('{"train": ["a"], "val": ["b"]}')
+    with pytest.raises(InputError, match="already exists and is not empty"):
+        RunFolder(mine).create(resume=False)
+    assert (mine / "split.json").read_text() == '{"train": ["a"], "val": ["b"]}'
+
+    (run.path / "notes.txt").write_text("the user's")  # anything we do not write there: refused, kept
+    with pytest.raises(InputError, match="already exists and is not empty"):
+        RunFolder(run.path).create(resume=False)
+    assert (run.path / "notes.txt").read_text() == "the user's"
 
 
 def test_checkpoint_resolution_prefers_best_and_finds_the_run(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="dataset f
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a SegmentError as one red line and exit 2, instead of a stack trace."""
+    """Print a SegmentError, or an OSError about a path (permission denied, disk full), as one red line and exit 2,
+    instead of a stack trace."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -29,6 +30,15 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             from rich.console import Console
 
             Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            if err.filename is None:  # not about a path the user gave or owns: a bug, keep its traceback
+                raise
+            from rich.console import Console
+
+            # a folder we may not read or write, a full or read-only disk: the path and the reason, not a traceback
+            Console(stderr=True).print(f"[bold red]error:[/] {err.filename}: {err.strerror or type(err).__name__}",
+                                       highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

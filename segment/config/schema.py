@@ -105,6 +105,12 @@ class DataConfig(_Strict):
     skip_bad: bool = Field(False, description="train on the cases that pass the pre-training check and list the others in skipped.json; false = stop with the list of problems")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> "DataConfig":
+        if self.fold is not None and self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} does not exist with folds={self.folds}: fold must be in 0..{self.folds - 1}")
+        return self
+
     @field_validator("cache", mode="before")
     @classmethod
     def _cache_bool(cls, v: Any) -> Any:

@@ -23,7 +23,7 @@ from segment.data.mirror import MirrorPadd
 from segment.data.plan import Plan
 from segment.data.preprocess import load_case
 from segment.data.sampling import DrawWithReplacement, LazyCases, SeededDraws, ValOrder, first_sample, only_item
-from segment.errors import InputError
+from segment.errors import ConfigError, InputError
 from segment.io.dataset import Case, Dataset
 
 
@@ -37,7 +37,7 @@ def make_split(names: Sequence[str], seed: int, val_fraction: float, folds: int,
         val = shuffled[:n_val]
     else:
         if fold >= folds:
-            raise ValueError(f"data.fold={fold} but data.folds={folds}: fold must be in 0..{folds - 1}")
+            raise ConfigError(f"data.fold={fold} but data.folds={folds}: fold must be in 0..{folds - 1}")
         val = shuffled[fold::folds]
     val_set = set(val)
     return {"train": sorted(n for n in order if n not in val_set), "val": sorted(val)}

@@ -103,7 +103,11 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[s
             problems[item] = f"{item}: no such file or folder, and no file matches it as a pattern"
         for path in matches:
             if path.is_dir():
-                found, dicom, broken = _from_folder(path)
+                try:
+                    found, dicom, broken = _from_folder(path)
+                except OSError as err:  # a folder we may not list: its case fails, the other inputs go on
+                    problems[str(path)] = f"{path}: cannot read this folder ({err.strerror or type(err).__name__})"
+                    continue
                 files += found
                 cases += dicom
                 problems.update(broken)
