@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from scipy.ndimage import distance_transform_edt  # noqa: E402
 
-from segment.errors import GeometryError, InputError  # noqa: E402
+from segment.errors import GeometryError, InputError, SegmentError  # noqa: E402
 
 REF_COLOUR = "yellow"
 PRED_COLOURS = ("red", "cyan", "magenta", "orange", "lime", "deepskyblue")
@@ -250,38 +251,122 @@ def _read_metrics_csv(path: Path) -> dict[str, np.ndarray]:
     return {c: np.array([num(r.get(c)) for r in rows]) for c in cols}
 
 
-def _plot_series(ax: Any, x: np.ndarray, y: np.ndarray, label: str, colour: str, style: str) -> bool:
+LOSS_STYLES = ("-", "--", ":", "-.")
+DICE_STYLES = ("s--", "^:", "d-.", "v-", "P--", "X:", "*-.", "h-")  # per class; the mean is a bold "o-"
+MEAN_DICE = ("val_dice_mean", "val_dice")  # the logged mean over classes (either name), drawn bold
+NAMED_CLASSES = 8  # up to this many per-class Dice curves are drawn and named one by one; beyond it see below
+WORST_NAMED = 5  # with more classes: the mean, these worst classes by name, the rest as thin unnamed lines
+LEGEND_INSIDE = 6  # a legend with more entries goes beside the plot, not over the curves
+
+
+def _plot_series(ax: Any, x: np.ndarray, y: np.ndarray, label: str | None, colour: str, style: str,
+                 **kwargs: Any) -> bool:
     ok = ~(np.isnan(x) | np.isnan(y))
     if ok.any():
-        ax.plot(x[ok], y[ok], style, color=colour, label=label, ms=3)
+        ax.plot(x[ok], y[ok], style, color=colour, label=label, ms=3, **kwargs)
     return bool(ok.any())
 
 
-def plot_training_curves(csv_files: dict[str, Path], out: Path) -> Path:
-    """Training loss (columns containing "loss") by step and validation Dice ("val_dice*") by epoch, per variant."""
+def _last_value(y: np.ndarray) -> float:
+    finite = y[np.isfinite(y)]
+    return float(finite[-1]) if finite.size else math.inf
+
+
+def _plot_dice(ax: Any, name: str, epoch: np.ndarray, cols: dict[str, np.ndarray], colour: str) -> bool:
+    """One variant's validation Dice: every class by name when there are few; with many (a 117-class CT) the mean in
+    bold, the `WORST_NAMED` classes with the lowest last Dice by name and the others as thin unnamed lines, so the
+    figure stays readable at any number of classes."""
+    mean_cols = [c for c in cols if c in MEAN_DICE]
+    class_cols = [c for c in cols if c.startswith("val_dice") and c not in MEAN_DICE]
+    drawn = False
+    for col in mean_cols:
+        drawn |= _plot_series(ax, epoch, cols[col], f"{name}: {col}", colour, "o-", lw=2.2, zorder=3)
+    if len(class_cols) <= NAMED_CLASSES:
+        for k, col in enumerate(class_cols):
+            drawn |= _plot_series(ax, epoch, cols[col], f"{name}: {col}", colour, DICE_STYLES[k % len(DICE_STYLES)])
+        return drawn
+    if not mean_cols:  # no logged mean: draw the mean of the per-class curves
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # rows without validation (training steps) are all NaN
+            mean = np.nanmean(np.stack([cols[c] for c in class_cols]), axis=0)
+        drawn |= _plot_series(ax, epoch, mean, f"{name}: mean of {len(class_cols)} classes", colour, "o-", lw=2.2,
+                              zorder=3)
+    ranked = sorted(class_cols, key=lambda c: _last_value(cols[c]))  # stable: ties keep the log's column order
+    named, others = ranked[:WORST_NAMED], ranked[WORST_NAMED:]
+    for k, col in enumerate(named):
+        drawn |= _plot_series(ax, epoch, cols[col], f"{name}: {col} (worst)", colour, DICE_STYLES[k % len(DICE_STYLES)],
+                              lw=1.0)
+    for col in others:
+        drawn |= _plot_series(ax, epoch, cols[col], None, colour, "-", lw=0.6, alpha=0.25)
+    if others:
+        ax.plot([], [], "-", color=colour, lw=0.6, alpha=0.25, label=f"{name}: {len(others)} other classes")
+    return drawn
+
+
+def training_curves_figure(csv_files: dict[str, Path]) -> Any:
+    """The figure of `plot_training_curves`, not saved (the caller closes it): loss by step on the left, validation
+    Dice by epoch on the right, one colour per variant."""
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        _draw_training_curves(fig, ax_loss, ax_dice, csv_files)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def _draw_training_curves(fig: Any, ax_loss: Any, ax_dice: Any, csv_files: dict[str, Path]) -> None:
     drawn = {ax_loss: False, ax_dice: False}
     for i, (name, path) in enumerate(csv_files.items()):
         cols = _read_metrics_csv(path)
         n = len(next(iter(cols.values()))) if cols else 0
         step = cols.get("step", np.arange(n, dtype=float))
         epoch = cols.get("epoch", step)
-        styles = iter(["-", "--", ":", "-."] * 4)
-        for col in (c for c in cols if "loss" in c):
-            drawn[ax_loss] |= _plot_series(ax_loss, step, cols[col], f"{name}: {col}", f"C{i}", next(styles))
-        styles = iter(["o-", "s--", "^:", "d-."] * 4)
-        for col in (c for c in cols if c.startswith("val_dice")):
-            drawn[ax_dice] |= _plot_series(ax_dice, epoch, cols[col], f"{name}: {col}", f"C{i}", next(styles))
+        loss_cols = [c for c in cols if "loss" in c]
+        for k, col in enumerate(loss_cols):
+            drawn[ax_loss] |= _plot_series(ax_loss, step, cols[col], f"{name}: {col}", f"C{i}",
+                                           LOSS_STYLES[k % len(LOSS_STYLES)])
+        drawn[ax_dice] |= _plot_dice(ax_dice, name, epoch, cols, f"C{i}")
+    outside = False
     for ax, xlabel, ylabel in ((ax_loss, "step", "loss"), (ax_dice, "epoch", "validation Dice")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if drawn[ax]:
+        entries = len(ax.get_legend_handles_labels()[1])
+        if drawn[ax] and entries > LEGEND_INSIDE:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+            outside = True
+        elif drawn[ax]:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, f"no {ylabel} logged", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    return _save(fig, out)
+    if outside:  # room on the right of each axis for its legend
+        fig.set_size_inches(15, 4.5)
+        fig.set_layout_engine("constrained")
+    else:
+        fig.tight_layout()
+
+
+def plot_training_curves(csv_files: dict[str, Path], out: Path) -> Path:
+    """Training loss (columns containing "loss") by step and validation Dice ("val_dice*") by epoch, per variant.
+
+    Any number of classes plots: up to `NAMED_CLASSES` per-class curves are named one by one, beyond that the mean,
+    the worst classes and the rest unnamed (see `_plot_dice`). A user-facing error (a missing log) is raised as it is;
+    any other failure as a RuntimeError whose message always says what went wrong (the error's type when it has no
+    text, as StopIteration has none), because callers print only str(err).
+    """
+    fig = None
+    try:
+        fig = training_curves_figure(csv_files)
+        return _save(fig, out)
+    except SegmentError:
+        raise
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise RuntimeError(f"{out}: could not draw the training curves ({reason})") from err
+    finally:
+        if fig is not None:
+            plt.close(fig)
 
 
 def plot_gradient_norms(norms: dict[str, list[float]], out: Path) -> Path:

@@ -257,6 +257,11 @@ class Predictor:
             channels, geometry = case.channels, case.geometry
         else:  # a 4D image holds one channel per volume along its last axis
             array = np.asarray(img.dataobj, dtype=np.float32)
+            while array.ndim > 3 and array.shape[-1] == 1:  # (X, Y, Z, 1[, 1]) is one 3D volume, as when read from disk
+                array = array[..., 0]
+            if array.ndim not in (3, 4):
+                raise InputError(f"<in-memory image>: {array.ndim}D image of shape {tuple(img.shape)}, expected a 3D "
+                                 "volume (or 4D with one volume per channel)")
             channels = [array[..., i] for i in range(array.shape[3])] if array.ndim == 4 else [array]
             geometry = nifti_geometry(img, channels[0].shape, "<in-memory image>")
         labels = decode_labels(self.predict_labels(channels, geometry)[0], self.plan)

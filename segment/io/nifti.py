@@ -78,8 +78,24 @@ def _header_for(data: np.ndarray, geometry: Geometry, what: str) -> tuple[type, 
     return klass, hdr
 
 
+def with_source_axes(data: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """`data` in exactly the shape of the source file: a 3D array on a scan stored as (X, Y, Z, 1) or (X, Y, Z, 1, 1)
+    gets those trailing size-1 axes back (readers drop them), so the output has the scan's shape and its header's dim
+    and pixdim stay the scan's own. A multi-channel scan (X, Y, Z, C) with C > 1 keeps a 3D output: a label map has no
+    channel axis. Arrays that are not 3D (probabilities X, Y, Z, K) and sources without a NIfTI header are unchanged."""
+    data = np.asarray(data)
+    if geometry.header is None or data.ndim != 3:
+        return data
+    source = tuple(int(s) for s in geometry.header.get_data_shape())
+    if len(source) > 3 and source[:3] == data.shape and all(s == 1 for s in source[3:]):
+        return data.reshape(source)
+    return data
+
+
 def to_nifti_image(data: np.ndarray, geometry: Geometry, what: str = "label map") -> nib.Nifti1Image:
-    """An in-memory NIfTI image of `data` on `geometry`'s grid, with the source's own header (see `_header_for`)."""
+    """An in-memory NIfTI image of `data` on `geometry`'s grid, with the source's own header (see `_header_for`) and
+    the source's own shape (see `with_source_axes`)."""
+    data = with_source_axes(data, geometry)
     klass, hdr = _header_for(data, geometry, what)
     return klass(data, hdr.get_best_affine(), header=hdr)  # nibabel keeps every qform/sform field of `hdr` as it is
 
@@ -105,6 +121,7 @@ def write_nifti(data: np.ndarray, geometry: Geometry, path: Path, *, what: str, 
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{path.parent}: cannot create output folder ({err.strerror})") from None
+    data = with_source_axes(data, geometry)  # (X, Y, Z, 1) in, (X, Y, Z, 1) out
     img = to_nifti_image(data, geometry, what)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
     try:

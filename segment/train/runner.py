@@ -255,7 +255,7 @@ def _finish(trainer: pl.Trainer, run: RunFolder, seconds: float) -> TrainResult:
 
             plot_training_curves({"run": merge_metrics(run)}, run / run.CURVES)
         except Exception as err:  # a plotting problem must not hide a finished training run
-            console.print(f"[yellow]could not plot training curves: {err}[/]")
+            console.print(f"[yellow]could not plot training curves: {err or type(err).__name__}[/]")
         table = Table(title=f"Validation Dice after {trainer.global_step} steps ({seconds / 60:.1f} min)")
         table.add_column("class")
         table.add_column("Dice", justify="right")
