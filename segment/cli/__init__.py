@@ -152,15 +152,17 @@ def predict(
 def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="run folder or .ckpt")],
     data: Annotated[Path, typer.Option("--data", "-d", help="labelled dataset folder")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="CSV path (default <run>/evaluation-<split>.csv)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="CSV file, or an existing folder for evaluation-<split>.csv (default <run>/evaluation-<split>.csv)")] = None,
     split: Annotated[str, typer.Option(help=split_help())] = "val",
     tolerance: Annotated[Optional[float], typer.Option(help="NSD tolerance in mm")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
-    """Dice, HD95, ASSD and surface Dice (NSD) per case and class; writes a CSV and prints a summary."""
+    """Dice, HD95, ASSD and surface Dice (NSD) per case and class; writes a CSV and prints a summary.
+
+    A case that cannot be read or scored is skipped with one line naming it; the others are scored (exit status 1)."""
     from segment.evaluation.evaluate import run_evaluate
 
-    run_evaluate(model=model, data=data, output=output, split=split, tolerance=tolerance, device=device)
+    raise typer.Exit(run_evaluate(model=model, data=data, output=output, split=split, tolerance=tolerance, device=device))
 
 
 @app.command()

@@ -270,3 +270,19 @@ def check_case(case: Case, num_classes: int | None, *, values: Collection[int] |
     label values are integers below `num_classes` (or, given `values`, among those declared values)."""
     _check_case(case, values if values is not None else (range(num_classes) if num_classes is not None else None),
                 channels)
+
+
+def discover_quietly(root: str | Path, *, check: bool = True) -> tuple[Dataset, list[str]]:
+    """`discover(root, check=check)` with nothing printed: the dataset (bad cases in `dataset.skipped`, with the reason)
+    and its other warnings (unpaired files, unreadable headers) as one-line texts, each once, for the caller to print
+    (a command lists the skipped cases itself, once, instead of a Python warning plus a log line each)."""
+    level = log.level
+    log.setLevel(logging.ERROR)  # its "skipping" lines repeat dataset.skipped
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = discover(root, check=check)
+    finally:
+        log.setLevel(level)
+    texts = [str(w.message) for w in caught]
+    return dataset, list(dict.fromkeys(t for t in texts if not t.startswith("skipping ")))

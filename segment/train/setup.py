@@ -3,8 +3,6 @@ plan table printed at the start of `segment train` (and of each fold)."""
 
 from __future__ import annotations
 
-import logging
-import warnings
 
 from rich.console import Console
 from rich.table import Table
@@ -13,7 +11,7 @@ from segment.config import Config, validate
 from segment.data.plan import Plan
 from segment.device import global_rank
 from segment.errors import InputError
-from segment.io.dataset import Dataset, discover
+from segment.io.dataset import Dataset, discover_quietly
 from segment.run_folder import RunFolder
 
 console = Console(stderr=True)
@@ -41,17 +39,10 @@ def load_dataset(cfg: Config) -> Dataset:
         console.print(f"[bold]No --data given:[/] training on the embedded demo dataset in {root}")
     else:
         root = cfg.data.root
-    discovery_log = logging.getLogger(discover.__module__)  # its "skipping" lines: the check below lists them once
-    level = discovery_log.level
-    discovery_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            dataset = discover(root, check=False)  # pairing only: structural problems land in dataset.skipped
-    finally:
-        discovery_log.setLevel(level)
-    for w in [w for w in caught if not str(w.message).startswith("skipping ")][:10]:  # skips are listed by the check
-        console.print(f"[yellow]warning:[/] {escape(str(w.message))}")
+    # pairing only: structural problems land in dataset.skipped, listed once by the check below
+    dataset, notes = discover_quietly(root, check=False)
+    for note in notes[:10]:
+        console.print(f"[yellow]warning:[/] {escape(note)}")
     if cfg.data.max_cases:  # the first N cases by name, bad ones included, so a quick run checks only what it uses
         first = set(sorted([c.name for c in dataset.cases] + list(dataset.skipped))[: cfg.data.max_cases])
         dataset.cases = [c for c in dataset.cases if c.name in first]
