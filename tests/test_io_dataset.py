@@ -130,6 +130,31 @@ def test_broken_links_are_named_not_dropped(tmp_path: Path) -> None:
         discover(root, on_problem="error")
 
 
+def test_dataset_json_training_list_and_count_are_compared_with_the_folders(tmp_path: Path) -> None:
+    """The folders decide what is trained on (as nnU-Net v2), but a curator's list that disagrees is said, once."""
+    import warnings as _warnings
+
+    def notes(meta: dict) -> list[str]:
+        root = msd(tmp_path / str(len(list(tmp_path.iterdir()))), ["a", "b", "c"], meta)
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            assert [c.name for c in discover(root).cases] == ["a", "b", "c"]
+        return [str(w.message).replace(str(root), "ROOT") for w in caught]
+
+    base = {"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a", "2": "b"}}
+    entry = [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in ("a", "b", "c", "d")]
+    assert notes({**base, "numTraining": 3, "training": entry[:3]}) == []
+    assert notes({**base, "numTraining": 4, "training": entry}) == [
+        'ROOT/dataset.json: 1 case(s) listed under "training" have no image/label pair in the folders (d) (the files '
+        "in the folders decide what is used)"]
+    assert notes({**base, "training": entry[:1]}) == [
+        'ROOT/dataset.json: 2 pair(s) in the folders are not listed under "training" and are used anyway (b, c) (the '
+        "files in the folders decide what is used)"]
+    assert notes({**base, "numTraining": 200}) == [
+        "ROOT/dataset.json: numTraining is 200 but 3 image/label pair(s) are in the folders (the files in the folders "
+        "decide what is used)"]
+
+
 def test_geometry_mismatch_is_skipped_or_raised(tmp_path: Path) -> None:
     root = msd(tmp_path, ["a", "b"])
     put(root / "labelsTr" / "b.nii.gz", labels(), np.diag([1.0, 1.0, 3.0, 1.0]))

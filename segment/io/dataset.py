@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 from segment.errors import ConfigError, GeometryError, InputError, SegmentError
-from segment.io.dataset_json import channel_kinds, declared_labels, declared_modality, read_dataset_json
+from segment.io.dataset_json import channel_kinds, declared_labels, declared_modality, listing_note, read_dataset_json
 from segment.io.files import broken_link
 from segment.io.image import (
     read_channel_geometry,
@@ -168,6 +168,8 @@ def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error
     if unpaired:
         names = ", ".join(p.name for p in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
         warnings.warn(f"{root}: {len(unpaired)} files without a partner, left out: {names}", stacklevel=2)
+    if note := listing_note(meta, root, [n for n in grouped if n in label_files]):
+        warnings.warn(note, stacklevel=2)
     cases, problems = _pair(root, grouped, label_files, clashes, channels)
     problems.update(lost)
     dataset = Dataset(root, cases, declared_labels(meta, root), modality, channels, unpaired, {}, channel_kinds(meta))

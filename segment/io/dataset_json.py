@@ -8,6 +8,7 @@ Both label forms are read: MSD's {"0": "background"} and nnU-Net v2's {"backgrou
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,37 @@ def modality_kind(name: str) -> str:
     if any(text.startswith(word) for word in _MRI_WORDS) or "mri" in text:
         return "mri"
     return text or "unknown"
+
+
+def listing_note(meta: dict[str, Any], root: Path, found: Collection[str]) -> str | None:
+    """One line when dataset.json's own list of training cases ("training", MSD) or their count ("numTraining") does
+    not match the image/label pairs `found` in the folders, else None. The folders decide what is trained on, as in
+    nnU-Net v2; the note keeps a curator's list from being silently overruled."""
+    found = set(found)
+    parts = []
+    listed = meta.get("training")
+    if isinstance(listed, list) and listed:
+        names = set()
+        for entry in listed:
+            image = entry.get("image") if isinstance(entry, dict) else None
+            if isinstance(image, str):
+                base = Path(image).name
+                names.add(next((base[: -len(s)] for s in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+                                if base.lower().endswith(s)), base))
+        missing, unlisted = sorted(names - found), sorted(found - names)
+        if missing:
+            parts.append(f"{len(missing)} case(s) listed under \"training\" have no image/label pair in the folders "
+                         f"({_few(missing)})")
+        if unlisted:
+            parts.append(f"{len(unlisted)} pair(s) in the folders are not listed under \"training\" and are used "
+                         f"anyway ({_few(unlisted)})")
+    count = meta.get("numTraining")
+    if isinstance(count, int) and not isinstance(count, bool) and count != len(found) and not parts:
+        parts.append(f"numTraining is {count} but {len(found)} image/label pair(s) are in the folders")
+    if not parts:
+        return None
+    return f"{root / 'dataset.json'}: " + "; ".join(parts) + " (the files in the folders decide what is used)"
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
