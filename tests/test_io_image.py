@@ -303,3 +303,26 @@ def test_nibabel_header_notes_name_the_file(tmp_path: Path, caplog: pytest.LogCa
     notes = [r.getMessage() for r in caplog.records if r.name == "nibabel.global"]
     assert notes == [f"{bad}: header fixed on reading: pixdim[1,2,3] should be non-zero; setting 0 dims to 1"]
     assert geometry.spacing == (1.0, 1.0, 1.0)
+
+
+def test_a_file_we_may_not_read_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chmod 000 on a scan or dataset.json: "permission denied", not "not a readable NIfTI" / "not valid JSON" (a
+    corrupt-looking file the user would go and repair). Simulated: tests run as root, where chmod does not stop a read."""
+    from segment.io.dataset_json import read_dataset_json
+    from segment.io.image import read_geometry
+
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), scan)
+    (tmp_path / "dataset.json").write_text("{}")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[0]) if args else None)
+
+    monkeypatch.setattr(nib, "load", denied)
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(InputError) as err:
+        read_geometry(scan)
+    assert str(err.value) == f"{scan}: cannot read this file (permission denied)"
+    with pytest.raises(InputError) as err:
+        read_dataset_json(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'dataset.json'}: cannot read this file (permission denied)"

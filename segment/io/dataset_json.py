@@ -23,6 +23,8 @@ def read_dataset_json(root: Path) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(path.read_text())
+    except PermissionError:
+        raise InputError(f"{path}: cannot read this file (permission denied)") from None
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):

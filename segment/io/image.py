@@ -9,6 +9,7 @@ and (x, y, z) index order, so the rest of the code never sees ITK's LPS / (z, y,
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -83,7 +84,10 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
 
 
 def _unreadable(path: Path, err: Exception) -> InputError:
-    """One line for a NIfTI file nibabel cannot read: at its header (corrupt) or its voxels (truncated)."""
+    """One line for a NIfTI file nibabel cannot read: at its header (corrupt), its voxels (truncated), or not at all
+    (no permission to read it: said as such, not as a corrupt file)."""
+    if isinstance(err, PermissionError) or (Path(path).is_file() and not os.access(path, os.R_OK)):
+        return InputError(f"{path}: cannot read this file (permission denied)")
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     return InputError(f"{path}: not a readable NIfTI image ({reason})")
 
