@@ -87,7 +87,7 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     # one run folder, one set of run files, written once (by global rank 0): nothing else appeared anywhere
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "run"]
     files = sorted(str(p.relative_to(out)) for p in out.iterdir())
-    assert files == ["checkpoints", "confidence.json", "config.yaml", "curves.png", "fingerprint.json", "logs",
+    assert files == [".segment-run", "checkpoints", "confidence.json", "config.yaml", "curves.png", "fingerprint.json", "logs",
                      "metrics.csv", "plan.json", "scan_profile.json", "split.json", "summary.json", "val_cases.csv"], files
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     split = json.loads((out / "split.json").read_text())
