@@ -118,12 +118,15 @@ def test_broken_links_are_named_not_dropped(tmp_path: Path) -> None:
         (root / sub / f"{name}.nii.gz").unlink()
         (root / sub / f"{name}.nii.gz").symlink_to(tmp_path / "gone" / f"{name}.nii.gz")
     (root / "imagesTr" / "e.nii.gz").symlink_to(tmp_path / "gone" / "e.nii.gz")  # no label either
+    (root / "imagesTr" / "d.nii.gz").unlink()
+    (root / "imagesTr" / "d.nii.gz").mkdir()  # a folder where the image should be: the same kind of problem
     with pytest.warns(UserWarning, match="broken link"):
         ds = discover(root)
-    assert [c.name for c in ds.cases] == ["a", "d"] and not ds.unpaired
+    assert [c.name for c in ds.cases] == ["a"] and not ds.unpaired
     assert ds.skipped == {
         "b": f"case b: {root}/imagesTr/b.nii.gz: broken link to {tmp_path}/gone/b.nii.gz (no such file)",
         "c": f"case c: {root}/labelsTr/c.nii.gz: broken link to {tmp_path}/gone/c.nii.gz (no such file)",
+        "d": f"case d: {root}/imagesTr/d.nii.gz: is a folder, not an image file",
         "e.nii.gz": f"{root}/imagesTr/e.nii.gz: broken link to {tmp_path}/gone/e.nii.gz (no such file)",
     }
     with pytest.raises(InputError, match=r"imagesTr/b\.nii\.gz: broken link to .*gone/b\.nii\.gz"):

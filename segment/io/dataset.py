@@ -88,14 +88,22 @@ def labels_from_values(values: Collection[int]) -> dict[int, str]:
 def _split(path: Path) -> str | None:
     """File stem without the image suffix, or None for files that are not images (hidden files, .raw, .json).
 
-    A broken symbolic link with an image name keeps its stem, so that its case is reported (`_pair`), not dropped."""
+    A broken symbolic link or a folder with an image name keeps its stem, so that its case is reported (`_pair`), not
+    dropped."""
     name = path.name
-    if name.startswith(".") or not (path.is_file() or broken_link(path)):
+    if name.startswith(".") or not (path.is_file() or path.is_dir() or broken_link(path)):
         return None
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return None
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why an image-named entry cannot be read as an image (a broken link, a folder), else None."""
+    if problem := broken_link(path):
+        return problem
+    return f"{path}: is a folder, not an image file" if path.is_dir() else None
 
 
 def _scan(folder: Path) -> tuple[dict[str, Path], list[str]]:
@@ -163,7 +171,7 @@ def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error
             pass  # that case is reported by the check
     unpaired = sorted([p for n, c in grouped.items() if n not in label_files for p in c.values()]
                       + [p for n, p in label_files.items() if n not in grouped])
-    lost = {p.name: problem for p in unpaired if (problem := broken_link(p))}  # reported as such, not as unpaired
+    lost = {p.name: problem for p in unpaired if (problem := _not_a_file(p))}  # reported as such, not as unpaired
     unpaired = [p for p in unpaired if p.name not in lost]
     if unpaired:
         names = ", ".join(p.name for p in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
@@ -190,7 +198,7 @@ def _pair(root: Path, grouped: dict[str, dict[int, Path]], label_files: dict[str
     cases, problems = [], {}
     for name in sorted(n for n in grouped if n in label_files):
         by_channel = grouped[name]
-        links = [problem for p in (*by_channel.values(), label_files[name]) if (problem := broken_link(p))]
+        links = [problem for p in (*by_channel.values(), label_files[name]) if (problem := _not_a_file(p))]
         if links:
             problems[name] = f"case {name}: {links[0]}"
         elif name in clashes or any(_split(p) in clashes for p in by_channel.values()):
