@@ -141,6 +141,23 @@ def test_broken_links_are_named_not_dropped(tmp_path: Path) -> None:
     assert not files and not dicom and list(problems) == [str(only / "x.nii.gz")]
 
 
+def test_subfolders_beside_scans_are_named_not_silently_skipped(tmp_path: Path) -> None:
+    """A folder of scans is read one level deep; its subfolders (a DICOM series, more scans) are said, not dropped."""
+    folder = tmp_path / "scans"
+    for sub in ("series_b", "more", "series_a"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "a.nii.gz").touch()
+    (folder / "more" / "b.nii.gz").touch()
+    notes: list[str] = []
+    files, dicom, problems = expand_inputs([str(folder)], notes)
+    assert [f.name for f in files] == ["a.nii.gz"] and not dicom and not problems
+    assert notes == [f"{folder}: 3 subfolder(s) not searched (more, series_a, series_b); give a subfolder as an input "
+                     "of its own to segment what is in it (a DICOM series, more scans)"]
+    notes.clear()  # a folder without scans is a DICOM series, as before: nothing to say
+    files, dicom, problems = expand_inputs([str(folder / "series_a")], notes)
+    assert [c.name for c in dicom] == ["series_a"] and not notes
+
+
 def test_a_folder_we_may_not_list_is_a_failed_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """chmod 000 on one input folder: that input fails with the reason, the others are still found."""
     good, locked = tmp_path / "good", tmp_path / "locked"

@@ -67,7 +67,10 @@ def run_predict(inputs: list[str], *, output: Path | None, model: str | Path | N
 
     formats = parse_formats(formats)
     console = Console(highlight=False, soft_wrap=True)
-    files, dicom_cases, failures = expand_inputs(list(inputs))
+    notes: list[str] = []
+    files, dicom_cases, failures = expand_inputs(list(inputs), notes)
+    for line in notes:
+        console.print(f"[yellow]note:[/] {escape(line)}")
     if not files and not dicom_cases:
         for message in failures.values():
             console.print(f"[red]failed[/] {escape(message)}")

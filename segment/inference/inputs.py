@@ -79,20 +79,26 @@ def group_numbered(files: list[Path], channels: int) -> tuple[list[ScanCase], st
     return cases, note
 
 
-def _from_folder(folder: Path) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
+def _from_folder(folder: Path, notes: list[str] | None = None) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
     """Image files in a folder (not our outputs) and its broken links to images; a folder with neither is taken as a
-    DICOM series."""
-    entries = sorted(f for f in folder.iterdir() if not f.name.startswith(".")
-                     and (s := _stem(f)) is not None and not _is_output(s))
+    DICOM series. Subfolders beside image files are not searched: `notes` gets one line naming them."""
+    listing = [f for f in folder.iterdir() if not f.name.startswith(".")]
+    entries = sorted(f for f in listing if (s := _stem(f)) is not None and not _is_output(s))
     files = [f for f in entries if f.is_file()]
     broken = {str(f): problem for f in entries if (problem := broken_link(f))}
     if files or broken:
+        subfolders = sorted(f.name for f in listing if f.is_dir() and f not in entries)
+        if subfolders and notes is not None:
+            shown = ", ".join(subfolders[:3]) + (", ..." if len(subfolders) > 3 else "")
+            notes.append(f"{folder}: {len(subfolders)} subfolder(s) not searched ({shown}); give a subfolder as an "
+                         "input of its own to segment what is in it (a DICOM series, more scans)")
         return files, [], broken
     return [], [ScanCase(folder.name, [folder], folder.parent)], {}
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
-    """Files, folders, globs and DICOM folders -> (image files, DICOM folder cases, {input: problem})."""
+def expand_inputs(inputs: list[str], notes: list[str] | None = None) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
+    """Files, folders, globs and DICOM folders -> (image files, DICOM folder cases, {input: problem}); `notes` gets
+    what the user should know about inputs that are not cases (subfolders not searched)."""
     files: list[Path] = []
     cases: list[ScanCase] = []
     problems: dict[str, str] = {}
@@ -104,7 +110,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[ScanCase], dict[s
         for path in matches:
             if path.is_dir():
                 try:
-                    found, dicom, broken = _from_folder(path)
+                    found, dicom, broken = _from_folder(path, notes)
                 except OSError as err:  # a folder we may not list: its case fails, the other inputs go on
                     problems[str(path)] = f"{path}: cannot read this folder ({err.strerror or type(err).__name__})"
                     continue
