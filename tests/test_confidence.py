@@ -171,3 +171,20 @@ def test_the_fingerprint_gathers_the_same_scan_profile_as_reading_the_cases_agai
     gathered = fingerprint(dataset, max_intensity_cases=3)["scan_profile"]
     assert gathered == dataset_profile(dataset, max_cases=3)
     assert gathered["cases"] == 3
+
+
+def test_scan_statistics_of_huge_intensities_stay_finite() -> None:
+    """A scan scaled to ~1e30 (a float64 export, finite in float32) gives finite z-scored percentiles and no numpy
+    overflow warning: the mean and std are taken in float64."""
+    import warnings
+
+    from segment.data.profile import scan_statistics
+    from segment.io.geometry import Geometry
+
+    values = np.linspace(0, 2e30, 4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    geometry = Geometry(np.eye(4), (4, 5, 6), (1.0, 1.0, 1.0), ("R", "A", "S"), "float32", "scan.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = scan_statistics([values], geometry)
+    assert np.all(np.isfinite(stats["shape"]))
+    assert stats["shape"][0] == pytest.approx(-1.7, abs=0.05) and stats["shape"][-1] == pytest.approx(1.7, abs=0.05)

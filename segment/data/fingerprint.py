@@ -91,8 +91,8 @@ def fingerprint(dataset: Dataset, max_intensity_cases: int = 20, intensity_chann
         "spacings": [list(s) for s in spacings],
         "median_spacing": np.median(np.array(spacings), axis=0).tolist(),
         "fg_percentiles": [float(np.percentile(fg_all, q)) for q in (0.5, 50, 99.5)],
-        "fg_mean": float(fg_all.mean()),
-        "fg_std": float(fg_all.std() + 1e-8),
+        "fg_mean": float(fg_all.mean(dtype=np.float64)),
+        "fg_std": float(fg_all.std(dtype=np.float64) + 1e-8),  # in float32 the squares overflow for values past 1e19
         "fg_channels": [int(c) for c in intensity_channels],
         # the out-of-distribution profile of the same cases (scan_profile.json; not part of fingerprint.json)
         "scan_profile": profile_of(stats) if stats else None,

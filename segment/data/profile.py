@@ -36,7 +36,9 @@ def scan_statistics(channels: Sequence[np.ndarray], geometry: Geometry) -> dict[
     if values.size > 200_000:
         values = values[:: values.size // 200_000]
     spacing = [float(s) for s in geometry.spacing]
-    z = (values - values.mean()) / max(float(values.std()), 1e-6)
+    # in float64: the float32 squares inside std() overflow for intensities past ~1e19 (a numpy warning, an inf std)
+    mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+    z = ((values - mean) / max(std, 1e-6)).astype(np.float32)
     return {"percentiles": [float(np.percentile(values, q)) for q in PERCENTILES],
             "shape": [float(np.percentile(z, q)) for q in PERCENTILES], "spacing": spacing,
             "extent_mm": [float(n) * s for n, s in zip(geometry.shape, spacing)]}
