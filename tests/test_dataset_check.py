@@ -28,6 +28,7 @@ BAD = {
     "moved": ("labelsTr/moved.nii.gz", "does not share the voxel grid of image"),
     "fraction": ("labelsTr/fraction.nii.gz", "non-integer values"),
     "undeclared": ("labelsTr/undeclared.nii.gz", "label value 2 found, but only 2 classes"),
+    "slice": ("imagesTr/slice.nii.gz", "image of shape (12, 12, 1) is 2D (a single slice)"),
 }
 
 
@@ -67,6 +68,8 @@ def make_dataset(root: Path) -> Path:
     nib.save(nib.Nifti1Image(_label().astype(np.uint8), np.diag([1.0, 1.0, 1.5, 1.0])), root / "labelsTr" / "moved.nii.gz")
     nib.save(nib.Nifti1Image(_label(0.5), np.eye(4)), root / "labelsTr" / "fraction.nii.gz")
     nib.save(nib.Nifti1Image(_label(2).astype(np.uint8), np.eye(4)), root / "labelsTr" / "undeclared.nii.gz")
+    nib.save(nib.Nifti1Image(_image(4)[:, :, :1], np.eye(4)), root / "imagesTr" / "slice.nii.gz")  # predict refuses it
+    nib.save(nib.Nifti1Image(_label().astype(np.uint8)[:, :, 4:5], np.eye(4)), root / "labelsTr" / "slice.nii.gz")
     return root
 
 
@@ -198,6 +201,16 @@ def test_all_background_labels_stop_before_training(tmp_path: Path) -> None:
     report = check_dataset(discover(_labelled(tmp_path / "some", {"0": "background", "1": "a"}, [0, 1, 1]), check=False),
                            progress=False)
     assert report.values == {0, 1} and report.notes == []
+
+
+def test_a_blank_image_is_a_warning_naming_it(tmp_path: Path) -> None:
+    """An image whose every voxel is the same (a failed export) teaches nothing: said, not fatal (a deliberately empty
+    channel of a multi-modal case may be intended)."""
+    root = _labelled(tmp_path / "b", {"0": "background", "1": "a"}, [1, 1, 1])
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.eye(4)), root / "imagesTr" / "c1.nii.gz")
+    report = check_dataset(discover(root, check=False), progress=False)
+    assert report.notes == [f"{root / 'imagesTr' / 'c1.nii.gz'}: every voxel is 0 (a blank export?): the network "
+                            "learns nothing from it; check the file, or leave the case out"]
 
 
 def test_a_declared_class_found_in_no_case_is_a_warning(tmp_path: Path) -> None:

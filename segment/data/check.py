@@ -50,14 +50,27 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def check_case_data(case: Case, channels: int | None, declared: set[int] | None) -> set[int]:
-    """Read one case in full (every channel, the label); its label values, or a SegmentError naming the file."""
+def check_case_data(case: Case, channels: int | None, declared: set[int] | None) -> tuple[set[int], list[str]]:
+    """Read one case in full (every channel, the label): its label values and notes (a blank channel), or a
+    SegmentError naming the file. A single slice is an error, as `segment predict` refuses one."""
     data = read_case(case.images, case.label, expected_channels=channels)
+    shape = data.geometry.shape
+    if len(shape) != 3 or min(shape) < 2:
+        raise InputError(f"{case.images[0]}: image of shape {tuple(shape)} is 2D (a single slice); a 3D model needs "
+                         "volumes (and segment predict refuses such a scan)")
+    notes = []
+    for i, channel in enumerate(data.channels):
+        low, high = float(channel.min()), float(channel.max())
+        if low == high:
+            which = f" channel {i}" if len(data.channels) > 1 else ""
+            path = case.images[min(i, len(case.images) - 1)]
+            notes.append(f"{path}{which}: every voxel is {low:g} (a blank export?): the network learns nothing from "
+                         "it; check the file, or leave the case out")
     if data.label is None:
-        return set()
+        return set(), notes
     values = label_values(data.label)
     check_label_values(case.label, values, declared)
-    return values
+    return values, notes
 
 
 def describe(case: Case, err: BaseException) -> str:
@@ -115,18 +128,21 @@ def check_dataset(dataset: Dataset, workers: int | None = None, *, skip_bad: boo
                               thread_name_prefix="check")
     try:
         with _progress(progress, len(cases)) as advance:
-            futures: dict[Future[set[int]], Case] = {
+            futures: dict[Future[tuple[set[int], list[str]]], Case] = {
                 pool.submit(check_case_data, case, dataset.channels, declared): case for case in cases}
             for future in as_completed(futures):
                 case = futures[future]
                 try:
-                    report.values |= future.result()
+                    values, notes = future.result()
+                    report.values |= values
+                    report.notes += notes
                 except Exception as err:  # noqa: BLE001 - every failure of one case is one line of the list
                     report.problems[case.name] = describe(case, err)
                 advance()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     report.seconds = time.perf_counter() - start
+    report.notes.sort()  # the cases finish in any order
     total = len(cases) + len(dataset.skipped)
     if report.problems and not skip_bad:
         raise InputError(problem_list(report.problems, total))
