@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class SegmentError(Exception):
     """A problem with the user's input (a file, a config value, a device) that they can act on.
@@ -20,3 +22,11 @@ class InputError(SegmentError, ValueError):
 
 class GeometryError(SegmentError, ValueError):
     """Two images do not share a voxel grid, or an output would not match its source."""
+
+
+def few(items: Sequence[object], n: int = 3, *, total: bool = False) -> str:
+    """The first `n` items of a list for a one-line message, then ", ..." when there are more (with `total`, also
+    "(N in all)"), so a message about 500 files stays one line."""
+    names = [str(i) for i in items]
+    more = "" if len(names) <= n else ", ..." + (f" ({len(names)} in all)" if total else "")
+    return ", ".join(names[:n]) + more

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from segment.errors import InputError, SegmentError
 from segment.io.case import read_case
+from segment.io.geometry import require_volume
 from segment.io.dataset import (
     Case,
     Dataset,
@@ -54,10 +55,7 @@ def check_case_data(case: Case, channels: int | None, declared: set[int] | None)
     """Read one case in full (every channel, the label): its label values and notes (a blank channel), or a
     SegmentError naming the file. A single slice is an error, as `segment predict` refuses one."""
     data = read_case(case.images, case.label, expected_channels=channels)
-    shape = data.geometry.shape
-    if len(shape) != 3 or min(shape) < 2:
-        raise InputError(f"{case.images[0]}: image of shape {tuple(shape)} is 2D (a single slice); a 3D model needs "
-                         "volumes (and segment predict refuses such a scan)")
+    require_volume(data.geometry)
     notes = []
     for i, channel in enumerate(data.channels):
         low, high = float(channel.min()), float(channel.max())

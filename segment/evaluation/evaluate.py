@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segment.data.labels import encode_labels
-from segment.errors import ConfigError, InputError
+from segment.errors import ConfigError, InputError, few
 from segment.evaluation.splits import check_split
 from segment.io.dataset import Case, Dataset
 
@@ -157,10 +157,6 @@ def model_labels(predictor: Predictor) -> dict[int, str]:
     return dict(zip(class_values(predictor.plan, len(names)), names.values()))
 
 
-def _few(items: Sequence[str], n: int = 4) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
 def label_differences(data_labels: dict[int, str], model: dict[int, str], declared: bool = True) -> list[str]:
     """How the dataset's labels (value -> name) differ from the model's, one short phrase per kind of difference.
 
@@ -170,17 +166,18 @@ def label_differences(data_labels: dict[int, str], model: dict[int, str], declar
     out = []
     extra = [f"{v} ({data_labels[v]})" if declared else str(v) for v in sorted(set(data_labels) - set(model))]
     if extra:
-        out.append(f"value{'s' if len(extra) > 1 else ''} {_few(extra)} not a class of the model (not scored)")
+        out.append(f"value{'s' if len(extra) > 1 else ''} {few(extra, 4, total=True)} not a class of the model "
+                   "(not scored)")
     if not declared:
         return out
     renamed = [f"{v} {data_labels[v]} (model: {model[v]})" for v in sorted(set(data_labels) & set(model) - {0})
                if data_labels[v].strip().casefold() != model[v].strip().casefold()]  # background is not scored
     if renamed:
-        out.append(f"names differ: {_few(renamed)}")
+        out.append(f"names differ: {few(renamed, 4, total=True)}")
     absent = [f"{v} ({model[v]})" for v in sorted(set(model) - set(data_labels))]
     if absent:
-        out.append(f"the model's class{'es' if len(absent) > 1 else ''} {_few(absent)} not declared here (no "
-                   "reference voxels in any case)")
+        out.append(f"the model's class{'es' if len(absent) > 1 else ''} {few(absent, 4, total=True)} not declared "
+                   "here (no reference voxels in any case)")
     return out
 
 
@@ -202,13 +199,6 @@ def _eval_config(predictor: Predictor, tolerance: float | None) -> EvaluateConfi
     if tolerance is None:
         return cfg
     return EvaluateConfig.model_validate({**cfg.model_dump(), "nsd_tolerance_mm": float(tolerance)})
-
-
-def read_declared_labels(root: Path) -> dict[int, str]:
-    """The labels dataset.json declares under `root` ({} without one: the dataset's labels were inferred)."""
-    from segment.io.dataset_json import declared_labels, read_dataset_json
-
-    return declared_labels(read_dataset_json(root), root)
 
 
 def output_path(output: Path | None, default: Path, split: str) -> Path:
@@ -261,7 +251,8 @@ def run_evaluate(model: Path, data: Path, output: Path | None = None, split: str
     missing = sorted(names - {c.name for c in dataset.cases} - set(dataset.skipped)) if names is not None else []
     if missing:
         console.print(f"[yellow]warning:[/] {len(missing)} of {len(names or ())} {_which(split)} case(s) of "
-                      f"{escape(str(run_dir))} not found in --data {escape(str(data))}: {escape(_few(missing))}",
+                      f"{escape(str(run_dir))} not found in --data {escape(str(data))}: "
+                      f"{escape(few(missing, 4, total=True))}",
                       soft_wrap=True)
     cases = choose_cases(dataset, split, run_dir, model)
     total = len(names) if names is not None else len(cases) + len(skipped)
@@ -269,10 +260,9 @@ def run_evaluate(model: Path, data: Path, output: Path | None = None, split: str
     if split == "val" and predictor.config.data.train_on_all:
         console.print("[yellow]note: this model trained with data.train_on_all=true, so its validation cases were "
                       "training cases too: these scores are optimistic[/]")
-    declared = bool(read_declared_labels(Path(data)))
-    differences = label_differences(dataset.labels, model_labels(predictor), declared)
+    differences = label_differences(dataset.labels, model_labels(predictor), dataset.labels_declared)
     if differences:
-        where = Path(data) / "dataset.json" if declared else f"{data} (label values found)"
+        where = Path(data) / "dataset.json" if dataset.labels_declared else f"{data} (label values found)"
         console.print(f"[yellow]warning:[/] {escape(str(where))}: labels differ from the model's: "
                       f"{escape('; '.join(differences))}; scores are by label value, under the model's names",
                       soft_wrap=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +117,10 @@ def trained_dataset(run: RunFolder) -> Any:
     """The cases of the run's data folder (or the demo data), found again without reading every voxel: they were all
     read and checked before training, and only the validation cases named in the run's split are scored."""
     from segment.data.demo import ensure_demo_dataset
-    from segment.io.dataset import discover
+    from segment.io.dataset import discover_quietly
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unpaired files were reported before training
-        return discover(run.read_config().data.root or ensure_demo_dataset(), check=False)
+    # its warnings (unpaired files, skipped cases) were reported before training
+    return discover_quietly(run.read_config().data.root or ensure_demo_dataset(), check=False)[0]
 
 
 def calibrate_run(run_dir: Path, dataset: Any = None, device: str = "auto") -> float | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from segment.errors import InputError
+from segment.errors import InputError, few
 from segment.io.dataset import CHANNEL_FILE, IMAGE_SUFFIXES
 from segment.io.files import broken_link
 
@@ -89,14 +89,14 @@ def _from_folder(folder: Path, notes: list[str] | None = None) -> tuple[list[Pat
     if files or broken:
         subfolders = sorted(f.name for f in listing if f.is_dir() and f not in entries)
         if subfolders and notes is not None:
-            shown = ", ".join(subfolders[:3]) + (", ..." if len(subfolders) > 3 else "")
-            notes.append(f"{folder}: {len(subfolders)} subfolder(s) not searched ({shown}); give a subfolder as an "
-                         "input of its own to segment what is in it (a DICOM series, more scans)")
+            notes.append(f"{folder}: {len(subfolders)} subfolder(s) not searched ({few(subfolders)}); give a "
+                         "subfolder as an input of its own to segment what is in it (a DICOM series, more scans)")
         return files, [], broken
     return [], [ScanCase(folder.name, [folder], folder.parent)], {}
 
 
-def expand_inputs(inputs: list[str], notes: list[str] | None = None) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
+def expand_inputs(inputs: list[str],
+                  notes: list[str] | None = None) -> tuple[list[Path], list[ScanCase], dict[str, str]]:
     """Files, folders, globs and DICOM folders -> (image files, DICOM folder cases, {input: problem}); `notes` gets
     what the user should know about inputs that are not cases (subfolders not searched)."""
     files: list[Path] = []

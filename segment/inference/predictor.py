@@ -28,7 +28,7 @@ from segment.inference.confidence import DEFAULT_THRESHOLD, ConfidenceStats
 from segment.inference.loading import load_models
 from segment.inference.postprocess import keep_largest_components, label_volumes
 from segment.io.case import read_case
-from segment.io.geometry import Geometry, canonical_grid, fmt_values, resampled_shape
+from segment.io.geometry import Geometry, canonical_grid, fmt_values, require_volume, resampled_shape
 from segment.io.nifti import (
     check_target,
     nifti_geometry,
@@ -104,9 +104,7 @@ class Predictor:
         for c in channels:
             if c.shape != geometry.shape:
                 raise GeometryError(f"{geometry.source}: channel of shape {c.shape} does not match the grid {geometry.shape}")
-        if len(geometry.shape) != 3 or min(geometry.shape) < 2:
-            raise InputError(f"{geometry.source}: image of shape {geometry.shape} is 2D (a single slice); "
-                             "the model is 3D and needs a volume")
+        require_volume(geometry)
 
     def _network_grid(self, geometry: Geometry) -> tuple[Geometry, tuple[int, ...]]:
         """The scan's canonical grid and the shape it takes once resampled to the model's spacing."""

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from segment.errors import ConfigError, GeometryError, InputError, SegmentError
+from segment.errors import ConfigError, GeometryError, InputError, SegmentError, few
 from segment.io.dataset_json import channel_kinds, declared_labels, declared_modality, listing_note, read_dataset_json
 from segment.io.files import broken_link
 from segment.io.image import (
@@ -58,6 +58,7 @@ class Dataset:
     skipped: dict[str, str] = field(default_factory=dict)
     # kind of each channel as declared in dataset.json ('ct', 'mri', other lower-case text); empty when undeclared
     channel_modalities: list[str] = field(default_factory=list)
+    labels_declared: bool = False  # `labels` come from dataset.json, not from the values found in the label maps
 
 
 def label_values(label: np.ndarray) -> set[int]:
@@ -174,13 +175,14 @@ def discover(root: str | Path, *, check: bool = True, on_problem: Literal["error
     lost = {p.name: problem for p in unpaired if (problem := _not_a_file(p))}  # reported as such, not as unpaired
     unpaired = [p for p in unpaired if p.name not in lost]
     if unpaired:
-        names = ", ".join(p.name for p in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
+        names = few([p.name for p in unpaired], 5)
         warnings.warn(f"{root}: {len(unpaired)} files without a partner, left out: {names}", stacklevel=2)
     if note := listing_note(meta, root, [n for n in grouped if n in label_files]):
         warnings.warn(note, stacklevel=2)
     cases, problems = _pair(root, grouped, label_files, clashes, channels)
     problems.update(lost)
-    dataset = Dataset(root, cases, declared_labels(meta, root), modality, channels, unpaired, {}, channel_kinds(meta))
+    labels = declared_labels(meta, root)
+    dataset = Dataset(root, cases, labels, modality, channels, unpaired, {}, channel_kinds(meta), bool(labels))
     _handle(problems, dataset, on_problem)
     if check:
         _check_all(dataset, on_problem)

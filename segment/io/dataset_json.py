@@ -12,7 +12,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from segment.errors import InputError
+from segment.errors import InputError, few
 
 _MRI_WORDS = ("mri", "mr", "t1", "t2", "flair", "adc", "dwi", "pd", "swi", "dce", "bold", "hbv")
 
@@ -99,17 +99,13 @@ def listing_note(meta: dict[str, Any], root: Path, found: Collection[str]) -> st
         missing, unlisted = sorted(names - found), sorted(found - names)
         if missing:
             parts.append(f"{len(missing)} case(s) listed under \"training\" have no image/label pair in the folders "
-                         f"({_few(missing)})")
+                         f"({few(missing)})")
         if unlisted:
             parts.append(f"{len(unlisted)} pair(s) in the folders are not listed under \"training\" and are used "
-                         f"anyway ({_few(unlisted)})")
+                         f"anyway ({few(unlisted)})")
     count = meta.get("numTraining")
     if isinstance(count, int) and not isinstance(count, bool) and count != len(found) and not parts:
         parts.append(f"numTraining is {count} but {len(found)} image/label pair(s) are in the folders")
     if not parts:
         return None
     return f"{root / 'dataset.json'}: " + "; ".join(parts) + " (the files in the folders decide what is used)"
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")

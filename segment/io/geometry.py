@@ -123,6 +123,14 @@ class Geometry:
     __hash__ = None  # type: ignore[assignment]  # holds an array; equality is by value
 
 
+def require_volume(geometry: Geometry) -> None:
+    """One line naming the file unless `geometry` is a 3D volume: a single slice cannot go through the 3D network, in
+    training (the pre-training check) as in prediction."""
+    if len(geometry.shape) != 3 or min(geometry.shape) < 2:
+        raise InputError(f"{geometry.source}: image of shape {tuple(geometry.shape)} is 2D (a single slice); "
+                         "the model is 3D and needs a volume")
+
+
 def fmt_values(values: Any) -> str:
     """Numbers as "(a, b, c)", 4 significant digits: spacings, origins and affines in messages."""
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
